@@ -1,0 +1,115 @@
+"""Shared config defaults and validation. Method configs live in configs/<method>.py and call
+`base_config(preset)`; `validate` runs before any compute and names the offending field."""
+from __future__ import annotations
+
+import ml_collections
+
+from jdistill.diffusion.losses import WEIGHTINGS
+from jdistill.diffusion.parameterization import PARAMETERIZATIONS
+from jdistill.diffusion.schedules import SCHEDULES
+
+PRESETS = ("digits", "toy2d", "mnist", "cifar10", "imagenet64")
+
+
+class ConfigError(ValueError):
+  """An invalid config field (raised before any compute)."""
+
+
+def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
+  preset = preset or "digits"
+  if preset not in PRESETS:
+    raise ConfigError(f"config preset: unknown {preset!r}; choose one of {PRESETS}")
+  c = ml_collections.ConfigDict()
+  c.method = "teacher"
+  c.preset = preset
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="digits", name="", path="", data_dir="", train_split="train", test_split="test",
+      resolution=0, batch_size=128, flip=False))
+  c.model = ml_collections.ConfigDict(dict(
+      name="unet", channels=48, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(4,),
+      num_heads=1, dropout=0.0, num_classes=0, norm_groups=8, dtype="float32"))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule=ml_collections.ConfigDict(dict(name="cosine", num_train_timesteps=1000,
+                                              beta_start=0.00085, beta_end=0.012)),
+      parameterization="v", loss_weighting="v_mse", min_snr_gamma=5.0, label_dropout=0.1,
+      clip_x=True, guidance=0.0))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adam", lr=1e-3, warmup_steps=200, schedule="cosine", final_lr_fraction=0.05,
+      grad_clip=1.0, weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, ema_decay=0.9995))
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=16000, log_every=200, eval_every=4000, save_every=1000))
+  c.eval = ml_collections.ConfigDict(dict(
+      features="digits", inception_weights="", num_samples=1000, steps_during_training=(64,),
+      final_steps=(256, 64, 16, 4, 2, 1), batch_size=500))
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+  c.teacher = ml_collections.ConfigDict(dict(checkpoint="", sampling_steps=256))
+
+  if preset == "toy2d":
+    c.data.update(source="toy2d", name="checkerboard", batch_size=512)
+    c.model.update(name="mlp", channels=256, num_res_blocks=3)
+    c.diffusion.update(clip_x=False)
+    c.optim.update(lr=1e-3, warmup_steps=100)
+    c.train.update(num_steps=5000, log_every=500, eval_every=2500)
+    c.eval.update(features="raw", num_samples=5000, steps_during_training=(64,))
+  elif preset in ("mnist", "cifar10", "imagenet64"):
+    name, res = {"mnist": ("mnist", 28), "cifar10": ("cifar10", 32),
+                 "imagenet64": ("imagenet_resized/64x64", 64)}[preset]
+    c.data.update(source="tfds", name=name, resolution=res if preset != "mnist" else 32,
+                  batch_size=128 if preset != "imagenet64" else 2048, flip=preset != "mnist")
+    c.model.update(channels=128 if preset != "mnist" else 64, channel_mult=(1, 2, 2, 2),
+                   attention_resolutions=(16,), dropout=0.1 if preset == "cifar10" else 0.0,
+                   num_res_blocks=3 if preset == "imagenet64" else 2, norm_groups=32,
+                   num_classes=1000 if preset == "imagenet64" else 0, dtype="bfloat16")
+    c.optim.update(lr=2e-4, warmup_steps=5000, schedule="constant", ema_decay=0.9999)
+    c.train.update(num_steps=800_000 if preset != "mnist" else 100_000, log_every=1000,
+                   eval_every=50_000, save_every=10_000)
+    c.eval.update(features="inception" if preset != "mnist" else "raw", num_samples=50_000)
+  return c
+
+
+def validate(config, num_devices: int):
+  """Fails fast, naming the field, before any compute."""
+  def check(ok, field, message):
+    if not ok:
+      raise ConfigError(f"config.{field}: {message}")
+
+  check(config.diffusion.schedule.name in SCHEDULES, "diffusion.schedule.name",
+        f"unknown schedule {config.diffusion.schedule.name!r}; choose one of {SCHEDULES}")
+  check(config.diffusion.parameterization in PARAMETERIZATIONS, "diffusion.parameterization",
+        f"unknown {config.diffusion.parameterization!r}; choose one of {PARAMETERIZATIONS}")
+  check(config.diffusion.loss_weighting in WEIGHTINGS, "diffusion.loss_weighting",
+        f"unknown {config.diffusion.loss_weighting!r}; choose one of {WEIGHTINGS}")
+  check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
+  check(config.optim.name in ("adam", "adamw"), "optim.name", f"unknown {config.optim.name!r}")
+  check(config.optim.schedule in ("constant", "cosine", "linear"), "optim.schedule",
+        f"unknown {config.optim.schedule!r}")
+  check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+  check(config.data.batch_size > 0 and config.data.batch_size % num_devices == 0,
+        "data.batch_size", f"{config.data.batch_size} is not divisible by the {num_devices} devices")
+  check(num_devices % config.mesh.fsdp == 0, "mesh.fsdp",
+        f"{config.mesh.fsdp} does not divide the {num_devices} devices")
+  check(config.train.num_steps > 0, "train.num_steps", "must be > 0")
+  check(config.train.log_every > 0, "train.log_every", "must be > 0")
+  check(config.model.name in ("unet", "mlp"), "model.name", f"unknown model {config.model.name!r}")
+  check(config.eval.features in ("digits", "raw", "inception"), "eval.features",
+        f"unknown feature net {config.eval.features!r}")
+  source = config.data.source
+  check(source in ("digits", "toy2d", "tfds", "image_folder"), "data.source",
+        f"unknown source {source!r}; choose digits, toy2d, tfds or image_folder")
+  if source == "tfds":
+    check(bool(config.data.name), "data.name", "a TFDS dataset name is required (e.g. 'cifar10')")
+    import tensorflow_datasets as tfds
+    try:
+      tfds.builder(config.data.name, data_dir=config.data.data_dir or None)
+    except Exception as e:  # noqa: BLE001 - TFDS raises several types for a missing dataset
+      raise ConfigError(f"config.data.name: TFDS dataset {config.data.name!r} not found ({e})") from e
+  if source == "image_folder":
+    import os
+    check(os.path.isdir(config.data.path), "data.path", f"{config.data.path!r} is not a directory")
+  if config.eval.features == "inception":
+    import os
+    check(os.path.isfile(config.eval.inception_weights), "eval.inception_weights",
+          f"InceptionV3 FID weights file {config.eval.inception_weights!r} not found; "
+          "jdistill never downloads weights: pass the path of a file you have")

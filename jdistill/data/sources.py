@@ -1,0 +1,162 @@
+"""Random-access data sources: embedded digits, toy 2-D distributions, TFDS datasets, image folders.
+
+Each source yields dicts {'x': float32 data in [-1, 1] (images NHWC), 'label': int32}. `load_split`
+returns a `Source`: the random-access records plus what the model needs to know about them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+TOY2D = ("checkerboard", "8gaussians", "moons", "swissroll")
+DIGITS_HELDOUT = 500          # fixed held-out split of scikit-learn's 1797 digits
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclasses.dataclass
+class ArraySource:
+  """An in-memory random-access source over aligned arrays (grain's RandomAccessDataSource)."""
+  x: np.ndarray
+  label: np.ndarray
+
+  def __len__(self):
+    return len(self.x)
+
+  def __getitem__(self, index):
+    return {"x": self.x[index], "label": self.label[index]}
+
+
+@dataclasses.dataclass
+class Source:
+  records: Any                 # random-access: len() and [i] -> {'x', 'label'}
+  data_shape: Sequence[int]    # one example's shape, e.g. (8, 8, 1) or (2,)
+  num_classes: int
+
+  @property
+  def is_image(self):
+    return len(self.data_shape) == 3
+
+
+def digits(split: str) -> Source:
+  """scikit-learn's 8x8 digits (bundled with the package, no download), scaled to [-1, 1]."""
+  from sklearn.datasets import load_digits
+  data = load_digits()
+  images = (data.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[..., None]
+  order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(images))
+  heldout, train = order[:DIGITS_HELDOUT], order[DIGITS_HELDOUT:]
+  index = {"train": train, "test": heldout}[_check_split(split, ("train", "test"))]
+  return Source(ArraySource(images[index], data.target[index].astype(np.int32)), (8, 8, 1), 10)
+
+
+def toy2d(name: str, split: str, num_examples: int = 50_000) -> Source:
+  """Generated 2-D distributions, scaled to roughly unit scale; 'test' uses a different seed."""
+  seed = {"train": 0, "test": 1}[_check_split(split, ("train", "test"))]
+  rng = np.random.RandomState(seed)
+  n = num_examples
+  if name == "checkerboard":
+    x1 = rng.rand(n) * 4 - 2
+    x2 = rng.rand(n) - rng.randint(0, 2, n) * 2 + (np.floor(x1) % 2)
+    points = np.stack([x1, x2], 1) / 2.0
+  elif name == "8gaussians":
+    centers = np.array([(np.cos(a), np.sin(a)) for a in np.arange(8) * np.pi / 4])
+    points = centers[rng.randint(0, 8, n)] + 0.08 * rng.randn(n, 2)
+  elif name == "moons":
+    from sklearn.datasets import make_moons
+    points, _ = make_moons(n, noise=0.05, random_state=seed)
+    points = (points - np.array([0.5, 0.25])) / 1.2
+  elif name == "swissroll":
+    from sklearn.datasets import make_swiss_roll
+    points, _ = make_swiss_roll(n, noise=0.3, random_state=seed)
+    points = points[:, [0, 2]] / 12.0
+  else:
+    raise ValueError(f"config.data.name: unknown toy2d distribution {name!r}; choose from {TOY2D}")
+  return Source(ArraySource(points.astype(np.float32), np.zeros(n, np.int32)), (2,), 0)
+
+
+class TfdsImageSource:
+  """Random access over a TFDS split (tfds.data_source), images mapped to [-1, 1]."""
+
+  def __init__(self, name, split, data_dir, resolution):
+    import tensorflow_datasets as tfds
+    self._records = tfds.data_source(name, split=split, data_dir=data_dir)
+    self._resolution = resolution
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, index):
+    record = self._records[index]
+    image = _resize(np.asarray(record["image"]), self._resolution)
+    return {"x": image.astype(np.float32) / 127.5 - 1.0,
+            "label": np.int32(record.get("label", 0))}
+
+
+def tfds_images(name, split, data_dir=None, resolution=None) -> Source:
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError and friends
+    raise ValueError(f"config.data.name: TFDS has no dataset {name!r} ({e})") from e
+  features = builder.info.features
+  shape = tuple(features["image"].shape)
+  if resolution:
+    shape = (resolution, resolution, shape[-1])
+  num_classes = features["label"].num_classes if "label" in features else 0
+  return Source(TfdsImageSource(name, split, data_dir, resolution), shape, num_classes)
+
+
+def image_folder(path, resolution) -> Source:
+  """Images under `path` (subfolders are classes, sorted), resized to resolution x resolution RGB."""
+  from PIL import Image
+  if not os.path.isdir(path):
+    raise ValueError(f"config.data.path: {path!r} is not a directory")
+  classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+  files = []
+  for label, folder in enumerate(classes or [""]):
+    root = os.path.join(path, folder)
+    files += [(os.path.join(root, f), label) for f in sorted(os.listdir(root))
+              if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp"))]
+  if not files:
+    raise ValueError(f"config.data.path: no images found under {path!r}")
+  images = np.stack([_resize(np.asarray(Image.open(f).convert("RGB")), resolution) for f, _ in files])
+  labels = np.array([label for _, label in files], np.int32)
+  return Source(ArraySource(images.astype(np.float32) / 127.5 - 1.0, labels),
+                (resolution, resolution, 3), len(classes))
+
+
+def load_split(data_config, split: str) -> Source:
+  """The source named by `config.data` for 'train' or 'test'."""
+  kind = data_config.source
+  if kind == "digits":
+    return digits(split)
+  if kind == "toy2d":
+    return toy2d(data_config.name, split)
+  if kind == "tfds":
+    tfds_split = data_config.train_split if split == "train" else data_config.test_split
+    return tfds_images(data_config.name, tfds_split, data_config.get("data_dir") or None,
+                       data_config.get("resolution") or None)
+  if kind == "image_folder":
+    return image_folder(data_config.path, data_config.resolution)
+  raise ValueError(f"config.data.source: unknown source {kind!r}; "
+                   "choose digits, toy2d, tfds or image_folder")
+
+
+def _check_split(split, allowed):
+  if split not in allowed:
+    raise ValueError(f"split must be one of {allowed}, got {split!r}")
+  return split
+
+
+def _resize(image, resolution):
+  if image.ndim == 2:
+    image = image[..., None]
+  if not resolution or image.shape[0] == resolution and image.shape[1] == resolution:
+    return image
+  from PIL import Image
+  channels = image.shape[-1]
+  pil = Image.fromarray(image.squeeze(-1) if channels == 1 else image)
+  resized = np.asarray(pil.resize((resolution, resolution), Image.BICUBIC))
+  return resized.reshape(resolution, resolution, channels)

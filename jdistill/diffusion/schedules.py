@@ -1,0 +1,70 @@
+"""Noise schedules as logSNR functions of continuous time t in [0, 1].
+
+The forward process is z_t = alpha_t x + sigma_t eps with alpha_t^2 = sigmoid(logsnr_t) and
+sigma_t^2 = sigmoid(-logsnr_t) (variance preserving). t = 0 is (nearly) clean data, t = 1 is
+(nearly) pure noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOGSNR_MIN, LOGSNR_MAX = -20.0, 20.0
+SCHEDULES = ("cosine", "linear", "scaled_linear")
+
+
+def alpha_sigma(logsnr):
+  """(alpha, sigma) with alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr)."""
+  return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
+
+
+def cosine_logsnr(t, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
+  """The cosine schedule of the progressive distillation paper, logSNR clipped to [min, max].
+
+  logsnr(t) = -2 log tan(a t + b), with b, a chosen so logsnr(0) = max and logsnr(1) = min.
+  """
+  b = np.arctan(np.exp(-0.5 * logsnr_max))
+  a = np.arctan(np.exp(-0.5 * logsnr_min)) - b
+  return -2.0 * jnp.log(jnp.tan(a * jnp.asarray(t, jnp.float32) + b))
+
+
+def discrete_logsnr_table(name: str, num_train_timesteps: int, beta_start: float, beta_end: float):
+  """logSNR at t_k = k / T for k = 0..T of a DDPM beta schedule (k = 0 is clean: logsnr_max)."""
+  if name == "linear":
+    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+  elif name == "scaled_linear":
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+  else:
+    raise ValueError(f"schedule.name: unknown discrete schedule {name!r}")
+  alphas_cumprod = np.cumprod(1.0 - betas)
+  logsnr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)
+  logsnr = np.concatenate([[LOGSNR_MAX], np.clip(logsnr, LOGSNR_MIN, LOGSNR_MAX)])
+  return np.linspace(0.0, 1.0, num_train_timesteps + 1), logsnr
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A named logSNR schedule: `schedule.logsnr(t)` for t in [0, 1] (any shape, traced or not)."""
+  name: str
+  logsnr: Callable
+
+  def __call__(self, t):
+    return self.logsnr(t)
+
+
+def make_schedule(config) -> Schedule:
+  """Builds the schedule named by `config.name` ('cosine', 'linear', 'scaled_linear')."""
+  name = config.name
+  if name == "cosine":
+    return Schedule("cosine", cosine_logsnr)
+  if name in ("linear", "scaled_linear"):
+    t_grid, logsnr_grid = discrete_logsnr_table(
+        name, config.num_train_timesteps, config.beta_start, config.beta_end)
+    t_grid = jnp.asarray(t_grid, jnp.float32)
+    logsnr_grid = jnp.asarray(logsnr_grid, jnp.float32)
+    return Schedule(name, lambda t: jnp.interp(jnp.asarray(t, jnp.float32), t_grid, logsnr_grid))
+  raise ValueError(f"config.schedule.name: unknown schedule {name!r}; choose one of {SCHEDULES}")

@@ -1,0 +1,76 @@
+"""Denoiser: the one call every objective and sampler uses.
+
+    denoiser.predict(params, z_t, logsnr, cond) -> Prediction(x0, eps, v)
+
+Any Flax Linen module plugs in if its `__call__(z, logsnr, label=None, train=False)` returns the
+raw output (data channels, or twice that for the 'both' parameterization); see docs/architecture.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdistill.diffusion import parameterization as param_lib
+from jdistill.diffusion.parameterization import Prediction
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  module: nn.Module
+  parameterization: str           # 'eps' | 'x' | 'v' | 'both'
+  num_classes: int = 0            # > 0: label `num_classes` is the null (unconditional) class
+
+  def init(self, rng, example_z):
+    batch = example_z.shape[0]
+    label = jnp.zeros((batch,), jnp.int32) if self.num_classes else None
+    return self.module.init({"params": rng, "dropout": rng}, example_z, jnp.zeros((batch,)), label)
+
+  def predict(self, params, z, logsnr, cond: Optional[jnp.ndarray] = None, *,
+              train: bool = False, rng: Optional[jax.Array] = None) -> Prediction:
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    output = self.module.apply({"params": params}, z, logsnr, cond, train=train, rngs=rngs)
+    return param_lib.from_model_output(self.parameterization, output, z, logsnr)
+
+  def predict_guided(self, params, z, logsnr, cond, guidance) -> Prediction:
+    """Classifier-free guidance: (1 + w) pred(z | c) - w pred(z | null)."""
+    if self.num_classes == 0 or cond is None:
+      return self.predict(params, z, logsnr, None)
+    null = jnp.full_like(cond, self.num_classes)
+    both = self.predict(params, jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
+                        jnp.concatenate([cond, null]))
+    conditional = jax.tree.map(lambda a: a[: z.shape[0]], both)
+    unconditional = jax.tree.map(lambda a: a[z.shape[0]:], both)
+    return param_lib.combine([(1.0 + guidance, conditional), (-guidance, unconditional)])
+
+  def features(self, params, z, logsnr, cond=None):
+    """The bottleneck activations (for feature distillation and GAN heads)."""
+    _, state = self.module.apply({"params": params}, z, logsnr, cond, capture_features=True,
+                                 mutable=["intermediates"])
+    return state["intermediates"]["bottleneck"][0]
+
+
+def make_denoiser(model_config, data_shape, parameterization: str) -> Denoiser:
+  """Builds the Denoiser from `config.model` for data of shape `data_shape` (no batch dim)."""
+  from jdistill.models.mlp import MLPDenoiser
+  from jdistill.models.unet import UNet
+  dtype = jnp.dtype(model_config.dtype)
+  out = param_lib.output_channels(parameterization, data_shape[-1])
+  if model_config.name == "unet":
+    module = UNet(out_channels=out, channels=model_config.channels,
+                  channel_mult=tuple(model_config.channel_mult),
+                  num_res_blocks=model_config.num_res_blocks,
+                  attention_resolutions=tuple(model_config.attention_resolutions),
+                  num_heads=model_config.num_heads, dropout=model_config.dropout,
+                  num_classes=model_config.num_classes, norm_groups=model_config.norm_groups,
+                  dtype=dtype)
+  elif model_config.name == "mlp":
+    module = MLPDenoiser(out_channels=out, hidden=model_config.channels,
+                         depth=model_config.num_res_blocks, num_classes=model_config.num_classes,
+                         dtype=dtype)
+  else:
+    raise ValueError(f"config.model.name: unknown model {model_config.name!r}; use 'unet' or 'mlp'")
+  return Denoiser(module, parameterization, model_config.num_classes)

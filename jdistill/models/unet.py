@@ -1,0 +1,158 @@
+"""A Flax Linen U-Net for diffusion (DDPM / progressive-distillation style).
+
+Residual blocks with GroupNorm, a logSNR embedding added in every block, self-attention at chosen
+resolutions, dropout, channel multipliers per level, and an optional class label with a null
+class (index `num_classes`) for classifier-free guidance. Every kernel carries logical axis names
+so a rules table (jdistill/train/partitioning.py) can shard it over the mesh.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jdistill.diffusion.schedules import LOGSNR_MAX, LOGSNR_MIN
+
+
+def conv_init(scale=1.0):
+  return nn.with_logical_partitioning(
+      nn.initializers.variance_scaling(scale, "fan_avg", "uniform"),
+      ("conv_height", "conv_width", "channels_in", "channels_out"))
+
+
+def dense_init(scale=1.0):
+  return nn.with_logical_partitioning(
+      nn.initializers.variance_scaling(scale, "fan_avg", "uniform"), ("embed_in", "embed_out"))
+
+
+def bias_init(axis="channels_out"):
+  return nn.with_logical_partitioning(nn.initializers.zeros, (axis,))
+
+
+def norm(groups, dtype):
+  return nn.GroupNorm(num_groups=groups, dtype=dtype,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+def conv(features, dtype, kernel=3, stride=1, scale=1.0, name=None):
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", dtype=dtype,
+                 kernel_init=conv_init(scale), bias_init=bias_init(), name=name)
+
+
+def dense(features, dtype, scale=1.0, name=None):
+  return nn.Dense(features, dtype=dtype, kernel_init=dense_init(scale),
+                  bias_init=bias_init("embed_out"), name=name)
+
+
+def logsnr_embedding(logsnr, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding of t' = arctan(exp(-logsnr / 2)) / (pi / 2) in [0, 1], scaled by 1000."""
+  logsnr = jnp.clip(logsnr, LOGSNR_MIN, LOGSNR_MAX)
+  t = jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * math.pi) * 1000.0
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = t[:, None].astype(jnp.float32) * freqs[None]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class ResBlock(nn.Module):
+  features: int
+  groups: int
+  dropout: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    h = conv(self.features, self.dtype)(nn.swish(norm(self.groups, self.dtype)(x)))
+    h = h + dense(self.features, self.dtype)(nn.swish(emb))[:, None, None, :]
+    h = nn.swish(norm(self.groups, self.dtype)(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = conv(self.features, self.dtype, scale=1e-10)(h)  # zero-ish init: block starts as identity
+    if x.shape[-1] != self.features:
+      x = conv(self.features, self.dtype, kernel=1)(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  heads: int
+  groups: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    y = norm(self.groups, self.dtype)(x).reshape(b, h * w, c)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.heads, dtype=self.dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), ("embed_in", "heads", "head_dim")),
+        out_kernel_init=nn.with_logical_partitioning(
+            nn.initializers.zeros, ("heads", "head_dim", "embed_out")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+        out_bias_init=bias_init("embed_out"))(y, y)
+    return x + y.reshape(b, h, w, c)
+
+
+class UNet(nn.Module):
+  """U-Net denoiser: (z_t, logsnr, label) -> raw output with `out_channels` channels."""
+  out_channels: int
+  channels: int = 64
+  channel_mult: Sequence[int] = (1, 2)
+  num_res_blocks: int = 2
+  attention_resolutions: Sequence[int] = (4,)
+  num_heads: int = 1
+  dropout: float = 0.0
+  num_classes: int = 0          # > 0: class-conditional, label `num_classes` is the null class
+  norm_groups: int = 8
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, logsnr, label: Optional[jnp.ndarray] = None, train: bool = False,
+               capture_features: bool = False):
+    emb_dim = 4 * self.channels
+    emb = logsnr_embedding(logsnr, self.channels)
+    emb = dense(emb_dim, self.dtype)(emb)
+    emb = dense(emb_dim, self.dtype)(nn.swish(emb))
+    if self.num_classes > 0:
+      if label is None:
+        label = jnp.full((z.shape[0],), self.num_classes, jnp.int32)
+      emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype,
+                           embedding_init=nn.with_logical_partitioning(
+                               nn.initializers.normal(0.02), ("classes", "embed_out")))(label)
+
+    h = conv(self.channels, self.dtype)(z.astype(self.dtype))
+    skips = [h]
+    for level, mult in enumerate(self.channel_mult):
+      for _ in range(self.num_res_blocks):
+        h = ResBlock(self.channels * mult, self.norm_groups, self.dropout, self.dtype)(h, emb, train)
+        if h.shape[1] in self.attention_resolutions:
+          h = AttentionBlock(self.num_heads, self.norm_groups, self.dtype)(h)
+        skips.append(h)
+      if level != len(self.channel_mult) - 1:
+        h = conv(h.shape[-1], self.dtype, stride=2)(h)
+        skips.append(h)
+
+    h = ResBlock(h.shape[-1], self.norm_groups, self.dropout, self.dtype)(h, emb, train)
+    h = AttentionBlock(self.num_heads, self.norm_groups, self.dtype)(h)
+    h = ResBlock(h.shape[-1], self.norm_groups, self.dropout, self.dtype)(h, emb, train)
+    if capture_features:
+      self.sow("intermediates", "bottleneck", h)
+
+    for level, mult in reversed(list(enumerate(self.channel_mult))):
+      for _ in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = ResBlock(self.channels * mult, self.norm_groups, self.dropout, self.dtype)(h, emb, train)
+        if h.shape[1] in self.attention_resolutions:
+          h = AttentionBlock(self.num_heads, self.norm_groups, self.dtype)(h)
+      if level != 0:
+        h = conv(h.shape[-1], self.dtype)(upsample_2x(h))
+    assert not skips
+    h = nn.swish(norm(self.norm_groups, self.dtype)(h))
+    return conv(self.out_channels, self.dtype, scale=1e-10)(h).astype(jnp.float32)
+
+
+def upsample_2x(x):
+  """Nearest-neighbour 2x upsampling."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

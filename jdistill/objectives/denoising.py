@@ -1,0 +1,70 @@
+"""Teacher training: the denoising objective.
+
+  t ~ U(0, 1),  eps ~ N(0, I),  z_t = alpha_t x + sigma_t eps,
+  loss = E[ w(logsnr_t) ||x_hat(z_t) - x||^2 ]   (w from jdistill/diffusion/losses.py)
+Class labels are dropped to the null class with probability `label_dropout` (for CFG).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jdistill.diffusion.losses import weighted_x_loss
+from jdistill.diffusion.parameterization import broadcast_to_data
+from jdistill.diffusion.schedules import alpha_sigma
+from jdistill.train import state as state_lib
+
+
+def forward_process(x, t, eps, schedule):
+  """z_t = alpha_t x + sigma_t eps; returns (z_t, logsnr_t)."""
+  logsnr = schedule(t)
+  alpha, sigma = alpha_sigma(broadcast_to_data(logsnr, x))
+  return alpha * x + sigma * eps, logsnr
+
+
+def drop_labels(label, rng, probability, null_class):
+  if label is None or probability <= 0:
+    return label
+  return jnp.where(jax.random.uniform(rng, label.shape) < probability, null_class, label)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoisingObjective:
+  denoiser: Any
+  schedule: Any
+  optimizer: Any
+  data_shape: tuple
+  weighting: str = "v_mse"
+  min_snr_gamma: float = 5.0
+  ema_decay: float = 0.999
+  label_dropout: float = 0.1
+
+  def init_state(self, rng, frozen=None):
+    params = self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"]
+    return state_lib.create(params, self.optimizer)
+
+  def loss(self, params, batch, rng):
+    x = batch["x"]
+    rng_t, rng_eps, rng_drop, rng_dropout = jax.random.split(rng, 4)
+    t = jax.random.uniform(rng_t, (x.shape[0],))
+    eps = jax.random.normal(rng_eps, x.shape)
+    z_t, logsnr = forward_process(x, t, eps, self.schedule)
+    label = batch["label"] if self.denoiser.num_classes else None
+    label = drop_labels(label, rng_drop, self.label_dropout, self.denoiser.num_classes)
+    pred = self.denoiser.predict(params, z_t, logsnr, label, train=True, rng=rng_dropout)
+    per_example = weighted_x_loss(pred.x0, x, logsnr, self.weighting, self.min_snr_gamma)
+    return jnp.mean(per_example)
+
+  def train_step(self, state, batch, rng, frozen, stage):
+    del frozen, stage
+    loss, grads = jax.value_and_grad(self.loss)(state.params, batch, rng)
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay)
+    new_state, nonfinite = state_lib.keep_if_finite(new_state, state, loss)
+    return new_state, {"loss": loss, "grad_norm": state_lib.global_norm(grads),
+                       "nonfinite": nonfinite}
+
+  def eval_params(self, state):
+    return state.ema_params

@@ -1,0 +1,144 @@
+"""The one training loop. It knows nothing about the method: an objective brings
+
+    init_state(rng) -> state (params may be nn.Partitioned-boxed)
+    train_step(state, batch, rng, frozen, stage) -> (state, metrics)   # pure
+    eval_params(state) -> params
+
+and `run` owns the mesh shardings, jit (donated state), the data iterator, CLU writing, progress
+and ETA, evaluation cadence, Orbax checkpoints, resume, and the non-finite-loss stop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import periodic_actions
+
+from jdistill.data import pipeline
+from jdistill.train import checkpoint as ckpt_lib
+from jdistill.train import partitioning
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or Inf: the run stops; no update with it reached the state."""
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  """A train step jitted once over the mesh, reused across stages (stage values are traced)."""
+  fn: Callable
+  state_shardings: Any
+  abstract_state: Any
+
+
+def compile_step(objective, mesh, frozen_shardings=None) -> CompiledStep:
+  boxed = jax.eval_shape(objective.init_state, jax.random.key(0))
+  state_shardings = partitioning.shardings_for(boxed, mesh)
+  abstract_state = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), state_shardings)
+  replicated = partitioning.replicated(mesh)
+  fn = jax.jit(objective.train_step,
+               in_shardings=(state_shardings, partitioning.batch_sharding(mesh), replicated,
+                             frozen_shardings if frozen_shardings is not None else replicated,
+                             replicated),
+               out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return CompiledStep(fn, state_shardings, abstract_state)
+
+
+def init_state(objective, compiled: CompiledStep, rng):
+  init = jax.jit(lambda r: nn.unbox(objective.init_state(r)), out_shardings=compiled.state_shardings)
+  return init(rng)
+
+
+def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
+        frozen=None, stage=None, evaluate: Optional[Callable] = None, compiled: CompiledStep = None,
+        seed: int = 0, log_every: int = 100, eval_every: int = 0, save_every: int = 1000,
+        metric_prefix: str = "", global_step_offset: int = 0, on_best=None, best_metric=None,
+        meta: Optional[dict] = None):
+  """Trains `num_steps` steps, checkpointing under `workdir`; resumes from its latest checkpoint.
+
+  `evaluate(params, step) -> (scalars, images)` runs every `eval_every` steps and at the end.
+  `best_metric` names an eval scalar (lower is better); `on_best(state, scalars, step)` is called
+  when it improves. Metrics are written at `global_step_offset + step` with `metric_prefix`.
+  Returns (state, last_eval_scalars).
+  """
+  compiled = compiled or compile_step(objective, mesh)
+  manager = ckpt_lib.manager(f"{workdir}/checkpoints")
+  batch_sharding = partitioning.batch_sharding(mesh)
+  start = 0
+  iterator_state = None
+  best = np.inf
+  if manager.latest_step() is not None:
+    state, saved = ckpt_lib.restore(manager, compiled.abstract_state)
+    start, iterator_state = saved["step"], saved["data_iterator"]
+    best = saved.get("best", np.inf)
+    logging.info("Resumed from %s/checkpoints at step %d.", workdir, start)
+  else:
+    state = init_state(objective, compiled, jax.random.key(seed))
+  iterator = pipeline.make_iterator(train_data, iterator_state)
+  base_rng = jax.random.key(seed + 1)
+  frozen = {} if frozen is None else frozen
+  stage = {} if stage is None else stage
+
+  def checkpoint(step, force=False):
+    saved_meta = dict(meta or {}, step=step, data_iterator=iterator.get_state(), best=float(best))
+    ckpt_lib.save(manager, step, state, saved_meta, force=force)
+
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=log_every)
+  pending, last_eval, t_log, step_log = [], {}, time.time(), start
+  for step in range(start, num_steps):
+    batch = pipeline.to_global(next(iterator), batch_sharding)
+    state, metrics = compiled.fn(state, batch, jax.random.fold_in(base_rng, step), frozen, stage)
+    pending.append(metrics)
+    done = step + 1
+    report(done)
+    if done % log_every == 0 or done == num_steps or (save_every and done % save_every == 0):
+      summary = _summarise(pending, done)
+      pending = []
+      rate = (done - step_log) / max(time.time() - t_log, 1e-9)
+      t_log, step_log = time.time(), done
+      eta = (num_steps - done) / max(rate, 1e-9)
+      logging.info("%sstep %d/%d  %s  %.2f steps/s  ETA %s", metric_prefix, done, num_steps,
+                   "  ".join(f"{k}={v:.4g}" for k, v in summary.items()), rate, _hms(eta))
+      writer.write_scalars(global_step_offset + done,
+                           {metric_prefix + k: v for k, v in summary.items()})
+    if save_every and done % save_every == 0 and done != num_steps:
+      checkpoint(done)
+    if evaluate is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
+      scalars, images = evaluate(objective.eval_params(state), done)
+      last_eval = scalars
+      writer.write_scalars(global_step_offset + done, {metric_prefix + k: v for k, v in scalars.items()})
+      if images:
+        writer.write_images(global_step_offset + done, {metric_prefix + k: v for k, v in images.items()})
+      if best_metric and scalars.get(best_metric, np.inf) < best:
+        best = scalars[best_metric]
+        if on_best is not None:
+          on_best(state, scalars, done)
+  checkpoint(num_steps, force=True)
+  manager.wait_until_finished()
+  writer.flush()
+  return state, last_eval
+
+
+def _summarise(metrics_list, step):
+  """Mean of each metric since the last log; raises if any step saw a non-finite loss."""
+  stacked = jax.device_get(metrics_list)
+  nonfinite = int(sum(np.sum(m.get("nonfinite", 0)) for m in stacked))
+  if nonfinite:
+    raise NonFiniteLossError(
+        f"the loss was NaN/Inf in {nonfinite} of the last {len(stacked)} steps (up to step {step}); "
+        "those updates were skipped and the last checkpoint is intact. Lower config.optim.lr, "
+        "check the data, or enable config.optim.grad_clip.")
+  keys = [k for k in stacked[0] if k != "nonfinite"]
+  return {k: float(np.mean([m[k] for m in stacked])) for k in keys}
+
+
+def _hms(seconds):
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

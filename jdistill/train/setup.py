@@ -1,0 +1,77 @@
+"""What every method builds from its config: mesh, data, denoiser, schedule, writer, evaluator."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from clu import metric_writers
+
+from jdistill import config as config_lib
+from jdistill.data import pipeline, sources
+from jdistill.diffusion.schedules import make_schedule
+from jdistill.eval.evaluate import FDEvaluator, Sampler
+from jdistill.models.denoiser import make_denoiser
+from jdistill.train import partitioning, state as state_lib
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: Any
+  workdir: str
+  mesh: Any
+  train_source: Any
+  test_source: Any
+  denoiser: Any
+  schedule: Any
+  writer: Any
+  sampler: Sampler
+  evaluator: FDEvaluator
+
+  @property
+  def data_shape(self):
+    return tuple(self.train_source.data_shape)
+
+  def train_data(self, seed_offset: int = 0):
+    c = self.config
+    return pipeline.train_dataset(self.train_source, c.data.batch_size, c.seed + seed_offset,
+                                  flip=c.data.flip)
+
+  def optimizer(self, num_steps: int, optim=None):
+    return state_lib.make_optimizer(optim or self.config.optim, num_steps)
+
+  def abstract_params(self):
+    """Shape/dtype/sharding of the denoiser's params on this mesh (for restoring teachers)."""
+    from jdistill.train.checkpoint import abstract_with_shardings
+    import flax.linen as nn
+    boxed = jax.eval_shape(lambda: self.denoiser.init(jax.random.key(0),
+                                                      jnp.zeros((1, *self.data_shape)))["params"])
+    return abstract_with_shardings(nn.unbox(boxed), partitioning.shardings_for(boxed, self.mesh))
+
+  def param_shardings(self):
+    return jax.tree.map(lambda a: a.sharding, self.abstract_params())
+
+
+def build(config, workdir: str, *, evaluator: bool = True) -> Experiment:
+  config_lib.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  mesh = partitioning.make_mesh(config.mesh.fsdp)
+  train_source = sources.load_split(config.data, "train")
+  test_source = sources.load_split(config.data, "test")
+  if config.model.num_classes and config.model.num_classes != train_source.num_classes:
+    logging.warning("config.model.num_classes=%d but the data has %d classes",
+                    config.model.num_classes, train_source.num_classes)
+  denoiser = make_denoiser(config.model, train_source.data_shape, config.diffusion.parameterization)
+  schedule = make_schedule(config.diffusion.schedule)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  sampler = Sampler(denoiser, schedule, train_source.data_shape, clip_x=config.diffusion.clip_x,
+                    guidance=config.diffusion.guidance, batch_size=config.eval.batch_size)
+  fd = None
+  if evaluator:
+    fd = FDEvaluator(sampler, test_source, config.eval.features, config.eval.num_samples,
+                     config.eval.inception_weights)
+  return Experiment(config, workdir, mesh, train_source, test_source, denoiser, schedule, writer,
+                    sampler, fd)
