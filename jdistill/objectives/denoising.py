@@ -36,6 +36,8 @@ class DenoisingObjective:
   denoiser: Any
   schedule: Any
   optimizer: Any
+  optim: Any                      # config.optim (learning-rate schedule)
+  num_steps: int
   data_shape: tuple
   weighting: str = "v_mse"
   min_snr_gamma: float = 5.0
@@ -61,9 +63,10 @@ class DenoisingObjective:
   def train_step(self, state, batch, rng, frozen, stage):
     del frozen, stage
     loss, grads = jax.value_and_grad(self.loss)(state.params, batch, rng)
-    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay)
+    lr = state_lib.learning_rate(self.optim, state.step, self.num_steps)
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr)
     new_state, nonfinite = state_lib.keep_if_finite(new_state, state, loss)
-    return new_state, {"loss": loss, "grad_norm": state_lib.global_norm(grads),
+    return new_state, {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr,
                        "nonfinite": nonfinite}
 
   def eval_params(self, state):

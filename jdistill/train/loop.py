@@ -59,13 +59,14 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
         frozen=None, stage=None, evaluate: Optional[Callable] = None, compiled: CompiledStep = None,
         seed: int = 0, log_every: int = 100, eval_every: int = 0, save_every: int = 1000,
         metric_prefix: str = "", global_step_offset: int = 0, on_best=None, best_metric=None,
-        meta: Optional[dict] = None):
+        meta: Optional[dict] = None, initial_state: Optional[Callable] = None):
   """Trains `num_steps` steps, checkpointing under `workdir`; resumes from its latest checkpoint.
 
   `evaluate(params, step) -> (scalars, images)` runs every `eval_every` steps and at the end.
   `best_metric` names an eval scalar (lower is better); `on_best(state, scalars, step)` is called
   when it improves. Metrics are written at `global_step_offset + step` with `metric_prefix`.
-  Returns (state, last_eval_scalars).
+  `initial_state()` (already sharded) replaces `objective.init_state` for a fresh run (a student
+  initialised from its teacher). Returns (state, last_eval_scalars).
   """
   compiled = compiled or compile_step(objective, mesh)
   manager = ckpt_lib.manager(f"{workdir}/checkpoints")
@@ -78,6 +79,8 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
     start, iterator_state = saved["step"], saved["data_iterator"]
     best = saved.get("best", np.inf)
     logging.info("Resumed from %s/checkpoints at step %d.", workdir, start)
+  elif initial_state is not None:
+    state = initial_state()
   else:
     state = init_state(objective, compiled, jax.random.key(seed))
   iterator = pipeline.make_iterator(train_data, iterator_state)
@@ -120,7 +123,8 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
         best = scalars[best_metric]
         if on_best is not None:
           on_best(state, scalars, done)
-  checkpoint(num_steps, force=True)
+  if start < num_steps:
+    checkpoint(num_steps, force=True)
   manager.wait_until_finished()
   writer.flush()
   return state, last_eval

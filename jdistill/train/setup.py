@@ -40,8 +40,8 @@ class Experiment:
     return pipeline.train_dataset(self.train_source, c.data.batch_size, c.seed + seed_offset,
                                   flip=c.data.flip)
 
-  def optimizer(self, num_steps: int, optim=None):
-    return state_lib.make_optimizer(optim or self.config.optim, num_steps)
+  def optimizer(self, optim=None):
+    return state_lib.make_optimizer(optim or self.config.optim)
 
   def abstract_params(self):
     """Shape/dtype/sharding of the denoiser's params on this mesh (for restoring teachers)."""

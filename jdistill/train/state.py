@@ -17,34 +17,38 @@ class TrainState:
   opt_state: Any
 
 
-def learning_rate_schedule(optim, num_steps: int):
-  """Linear warmup to `optim.lr`, then cosine / linear decay to lr * final_lr_fraction, or constant."""
-  warmup = min(optim.warmup_steps, max(num_steps - 1, 0))
-  decay_steps = max(num_steps - warmup, 1)
-  end = optim.lr * optim.final_lr_fraction
+def learning_rate(optim, step, total_steps):
+  """Linear warmup to `optim.lr`, then cosine / linear decay to lr * final_lr_fraction, or constant.
+
+  Pure jnp of (step, total_steps), both may be traced: a new stage length is new data, not a new
+  program.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  total = jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0)
+  warmup = jnp.minimum(float(optim.warmup_steps), total - 1.0)
+  warm = jnp.where(warmup > 0, jnp.minimum(step / jnp.maximum(warmup, 1.0), 1.0), 1.0)
+  progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+  end = optim.final_lr_fraction
   if optim.schedule == "constant":
-    after = optax.constant_schedule(optim.lr)
+    decay = 1.0
   elif optim.schedule == "cosine":
-    after = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.final_lr_fraction)
+    decay = end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
   elif optim.schedule == "linear":
-    after = optax.linear_schedule(optim.lr, end, decay_steps)
+    decay = 1.0 + (end - 1.0) * progress
   else:
     raise ValueError(f"config.optim.schedule: unknown {optim.schedule!r}")
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
+  return optim.lr * warm * decay
 
 
-def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
-  lr = learning_rate_schedule(optim, num_steps)
+def make_optimizer(optim) -> optax.GradientTransformation:
+  """The update direction (clipping, Adam moments, decoupled weight decay); `apply_gradients`
+  scales it by -learning_rate(step, total)."""
   parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-  if optim.name == "adam":
-    parts.append(optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps))
-  elif optim.name == "adamw":
-    parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                             weight_decay=optim.weight_decay))
-  else:
+  if optim.name not in ("adam", "adamw"):
     raise ValueError(f"config.optim.name: unknown optimizer {optim.name!r}; use adam or adamw")
+  parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps))
+  if optim.name == "adamw" and optim.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(optim.weight_decay))
   return optax.chain(*parts)
 
 
@@ -53,10 +57,10 @@ def create(params, optimizer) -> TrainState:
                     opt_state=optimizer.init(params))
 
 
-def apply_gradients(state: TrainState, grads, optimizer, ema_decay: float) -> TrainState:
-  """One optimizer step, then EMA: ema <- decay * ema + (1 - decay) * params."""
+def apply_gradients(state: TrainState, grads, optimizer, ema_decay, lr) -> TrainState:
+  """params <- params - lr * direction, then EMA: ema <- decay * ema + (1 - decay) * params."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
 

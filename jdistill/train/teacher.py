@@ -18,7 +18,8 @@ from jdistill.train import loop, setup
 def objective_for(exp, num_steps):
   c = exp.config
   return DenoisingObjective(
-      denoiser=exp.denoiser, schedule=exp.schedule, optimizer=exp.optimizer(num_steps),
+      denoiser=exp.denoiser, schedule=exp.schedule, optimizer=exp.optimizer(), optim=c.optim,
+      num_steps=num_steps,
       data_shape=exp.data_shape, weighting=c.diffusion.loss_weighting,
       min_snr_gamma=c.diffusion.min_snr_gamma, ema_decay=c.optim.ema_decay,
       label_dropout=c.diffusion.label_dropout)
@@ -90,6 +91,37 @@ def write_summary(workdir, rows, train_seconds, exp):
 def _train_examples(exp):
   from jdistill.data import pipeline
   return pipeline.all_examples(exp.train_source, exp.config.eval.num_samples)["x"]
+
+
+BUNDLED_DIGITS_TEACHER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
+                                      "digits_teacher.msgpack")
+
+
+def bundled_teacher_path(config):
+  """The bundled digits teacher if the config's model and diffusion match the ones it was trained
+  with; None for other presets. A mismatch is an error naming the field."""
+  if config.data.source != "digits" or not os.path.exists(BUNDLED_DIGITS_TEACHER):
+    return None
+  with open(BUNDLED_DIGITS_TEACHER.replace(".msgpack", ".json")) as f:
+    trained = json.load(f)
+  for section in ("model", "diffusion"):
+    for key, value in trained[section].items():
+      mine = config[section][key]
+      mine = mine.to_dict() if hasattr(mine, "to_dict") else mine
+      if (list(mine) if isinstance(mine, tuple) else mine) != value:
+        raise ValueError(f"config.{section}.{key}={mine!r}, but the bundled digits teacher was "
+                         f"trained with {value!r}: set it back, or pass config.teacher.checkpoint")
+  return BUNDLED_DIGITS_TEACHER
+
+
+def load_exported(path, abstract_params):
+  """EMA params from an exported .msgpack, checked against and placed like `abstract_params`."""
+  from jdistill.train.checkpoint import CheckpointError, place_like
+  if not os.path.exists(path):
+    raise CheckpointError(f"teacher file {path!r} does not exist")
+  with open(path, "rb") as f:
+    params = serialization.msgpack_restore(f.read())
+  return place_like(params, abstract_params, f"teacher {path}")
 
 
 def export(params, config, workdir):

@@ -1,0 +1,351 @@
+"""Progressive distillation (Salimans & Ho, 2022): a student learns to do two teacher DDIM steps in
+one; repeated, halving the steps each stage, each student becoming the next stage's teacher.
+
+For a student with N steps: i ~ U{0..N-1}, t = (i+1)/N, s = t - 1/N, z_t = alpha_t x + sigma_t eps.
+The teacher takes k deterministic DDIM steps t -> ... -> s from z_t (k = 2: t -> t - 1/2N -> s),
+landing on z_s~. The student's target is the x that one student DDIM step from z_t maps onto z_s~:
+
+    x_target = (z_s~ - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)
+
+and at the last step (s = 0) the teacher's own x prediction. The 'direct' variant
+(`two_step=False`) always distils from the original teacher with k = N_teacher / N teacher steps
+per student step (for N = 1: noise -> the teacher's full multi-step sample).
+
+Student steps N, teacher sub-steps k and the stage length are traced values in `stage`, so one
+compilation serves the whole schedule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jdistill.diffusion import sampling
+from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
+from jdistill.diffusion.parameterization import broadcast_to_data
+from jdistill.diffusion.schedules import alpha_sigma
+from jdistill.objectives.denoising import forward_process
+from jdistill.train import checkpoint as ckpt_lib
+from jdistill.train import loop, setup
+from jdistill.train import state as state_lib
+
+
+# ----------------------------------------------------------------------------- the math
+
+def teacher_ddim(predict, schedule, z_t, t, s, substeps):
+  """k = `substeps` (traced) deterministic DDIM steps of the teacher from (z_t, t) to s (per example).
+
+  Returns (z_s~, x prediction of the last teacher step)."""
+  def body(j, carry):
+    z, _ = carry
+    t_j = t - (t - s) * j / substeps
+    t_next = t - (t - s) * (j + 1) / substeps
+    pred = predict(z, schedule(t_j))
+    return sampling.ddim_step(pred, schedule(t_next)), pred.x0
+  return jax.lax.fori_loop(0, substeps, body, (z_t, jnp.zeros_like(z_t)))
+
+
+def student_x_target(z_t, z_s, teacher_x, logsnr_t, logsnr_s, s):
+  """The x that takes one DDIM step z_t -> z_s exactly; the teacher's x at s = 0."""
+  alpha_t, sigma_t = alpha_sigma(broadcast_to_data(logsnr_t, z_t))
+  alpha_s, sigma_s = alpha_sigma(broadcast_to_data(logsnr_s, z_t))
+  ratio = sigma_s / sigma_t
+  x_target = (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
+  return jnp.where(broadcast_to_data(s, z_t) == 0.0, teacher_x, x_target)
+
+
+def sample_student_time(rng, batch, student_steps):
+  """i ~ U{0..N-1}; t = (i+1)/N, s = i/N."""
+  i = jax.random.randint(rng, (batch,), 0, student_steps)
+  n = student_steps.astype(jnp.float32)
+  return (i + 1).astype(jnp.float32) / n, i.astype(jnp.float32) / n
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressiveObjective:
+  denoiser: Any
+  schedule: Any
+  optimizer: Any
+  optim: Any
+  data_shape: tuple
+  weighting: str = "snr_trunc"
+  ema_decay: float = 0.9995
+
+  def init_state(self, rng, frozen=None):
+    params = self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"]
+    return state_lib.create(params, self.optimizer)
+
+  def targets(self, teacher_params, batch, rng, stage):
+    """(z_t, logsnr_t, x_target, label) for one batch; no gradient flows into the teacher."""
+    x = batch["x"]
+    rng_t, rng_eps = jax.random.split(rng)
+    t, s = sample_student_time(rng_t, x.shape[0], stage["student_steps"])
+    eps = jax.random.normal(rng_eps, x.shape)
+    z_t, logsnr_t = forward_process(x, t, eps, self.schedule)
+    label = batch["label"] if self.denoiser.num_classes else None
+    predict = lambda z, logsnr: self.denoiser.predict(teacher_params, z, logsnr, label)
+    z_s, teacher_x = teacher_ddim(predict, self.schedule, z_t, t, s, stage["teacher_substeps"])
+    x_target = student_x_target(z_t, z_s, teacher_x, logsnr_t, self.schedule(s), s)
+    return z_t, logsnr_t, jax.lax.stop_gradient(x_target), label
+
+  def train_step(self, state, batch, rng, frozen, stage):
+    rng_target, rng_dropout = jax.random.split(rng)
+    z_t, logsnr_t, x_target, label = self.targets(frozen["teacher"], batch, rng_target, stage)
+
+    def loss_fn(params):
+      pred = self.denoiser.predict(params, z_t, logsnr_t, label, train=True, rng=rng_dropout)
+      loss = jnp.mean(weighted_x_loss(pred.x0, x_target, logsnr_t, self.weighting))
+      return loss, pred.x0
+
+    (loss, x_hat), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    lr = state_lib.learning_rate(self.optim, state.step, stage["num_steps"])
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr)
+    new_state, nonfinite = state_lib.keep_if_finite(new_state, state, loss)
+    return new_state, {
+        "distill_loss": loss,
+        "reconstruction_mse": jnp.mean(per_example_mse(x_hat, batch["x"])),  # diagnostic: vs data x
+        "grad_norm": state_lib.global_norm(grads), "lr": lr, "nonfinite": nonfinite}
+
+  def eval_params(self, state):
+    return state.ema_params
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+class ScheduleError(ValueError):
+  pass
+
+
+def step_schedule(config, teacher_steps: int):
+  """The sequence of sampling-step counts: teacher first, then each stage's student.
+
+  Default: strict halving from the teacher's steps to 1. Explicit: `config.progressive.steps`
+  like "25,13,7,4,2,1" (teacher first). Ratios far from 2 are accepted with a warning."""
+  text = str(config.progressive.steps).strip()
+  if text:
+    try:
+      steps = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError as e:
+      raise ScheduleError(f"config.progressive.steps: {text!r} is not a list of integers") from e
+  else:
+    if teacher_steps < 2 or teacher_steps & (teacher_steps - 1):
+      raise ScheduleError(f"config.teacher.sampling_steps={teacher_steps}: strict halving needs a "
+                          "power of two >= 2; give config.progressive.steps explicitly")
+    steps = [teacher_steps >> k for k in range(int(math.log2(teacher_steps)) + 1)]
+  if len(steps) < 2:
+    raise ScheduleError(f"config.progressive.steps: need a teacher and at least one student, got {steps}")
+  if any(n < 1 for n in steps):
+    raise ScheduleError(f"config.progressive.steps: step counts must be >= 1, got {steps}")
+  if any(b >= a for a, b in zip(steps, steps[1:])):
+    raise ScheduleError(f"config.progressive.steps: must strictly decrease, got {steps}")
+  if config.progressive.two_step:
+    for k, (a, b) in enumerate(zip(steps, steps[1:])):
+      if not 1.75 <= a / b <= 2.25:
+        logging.warning("progressive stage %d (%d -> %d steps) has ratio %.2f, not ~2: the teacher "
+                        "still takes 2 DDIM steps per student step (on a 1/%d grid)", k, a, b, a / b, 2 * b)
+  return steps
+
+
+def stage_train_steps(config, num_stages: int, train_size: int):
+  """Train steps per stage: `steps_per_stage` (or `epochs_per_stage`), with `stage_overrides`
+  like "0:3000,4:4000"."""
+  p = config.progressive
+  if p.epochs_per_stage > 0:
+    base = max(1, int(round(p.epochs_per_stage * train_size / config.data.batch_size)))
+  else:
+    base = p.steps_per_stage
+  result = [base] * num_stages
+  for item in filter(None, str(p.stage_overrides).replace(" ", "").split(",")):
+    try:
+      index, value = (int(v) for v in item.split(":"))
+    except ValueError as e:
+      raise ScheduleError(f"config.progressive.stage_overrides: {item!r} is not 'stage:steps'") from e
+    if not 0 <= index < num_stages or value < 1:
+      raise ScheduleError(f"config.progressive.stage_overrides: {item!r} names stage {index} of "
+                          f"{num_stages} or a non-positive step count")
+    result[index] = value
+  if any(n < 1 for n in result):
+    raise ScheduleError("config.progressive.steps_per_stage must be >= 1")
+  return result
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def load_teacher(exp):
+  """The teacher's EMA params: config.teacher.checkpoint (an Orbax run dir or a .msgpack), else
+  the bundled digits teacher, else (digits preset) a teacher trained now with configs/teacher.py."""
+  from jdistill.train import teacher as teacher_lib
+  c = exp.config
+  abstract = exp.abstract_params()
+  path = c.teacher.checkpoint
+  if path:
+    if path.endswith(".msgpack"):
+      logging.info("Teacher: %s", path)
+      return teacher_lib.load_exported(path, abstract)
+    logging.info("Teacher: EMA params of the Orbax checkpoint in %s", path)
+    return ckpt_lib.restore_params(os.path.join(path, "checkpoints") if os.path.isdir(
+        os.path.join(path, "checkpoints")) else path, abstract)
+  bundled = teacher_lib.bundled_teacher_path(c)
+  if bundled:
+    logging.info("Teacher: the bundled digits teacher %s (reproduce with "
+                 "`python -m jdistill.main --config=configs/teacher.py --workdir=runs/teacher`)", bundled)
+    return teacher_lib.load_exported(bundled, abstract)
+  raise ckpt_lib.CheckpointError(
+      "no teacher: set config.teacher.checkpoint to a teacher run directory or .msgpack "
+      "(train one with `python -m jdistill.main --config=configs/teacher.py:<preset> --workdir=...`)")
+
+
+def time_sampling(sampler, params, num_steps, num_samples=500, repeats=3):
+  """Median milliseconds per sample of `num_steps`-step sampling (after a warm-up call)."""
+  sampler.sample(params, num_steps, num_samples)
+  times = []
+  for r in range(repeats):
+    start = time.perf_counter()
+    sampler.sample(params, num_steps, num_samples, seed=r)
+    times.append(time.perf_counter() - start)
+  return 1000.0 * float(np.median(times)) / num_samples
+
+
+def train(config, workdir: str):
+  exp = setup.build(config, workdir)
+  p = config.progressive
+  original_teacher = load_teacher(exp)
+  steps = step_schedule(config, config.teacher.sampling_steps)
+  num_stages = len(steps) - 1
+  train_steps = stage_train_steps(config, num_stages, len(exp.train_source.records))
+  if not 0 <= p.start_stage < num_stages:
+    raise ScheduleError(f"config.progressive.start_stage={p.start_stage} is outside 0..{num_stages - 1}")
+  logging.info("Progressive schedule %s (%s), train steps per stage %s, %s target",
+               " -> ".join(map(str, steps)), "two-step" if p.two_step else "direct",
+               train_steps, "2-step" if p.two_step else "direct")
+
+  objective = ProgressiveObjective(exp.denoiser, exp.schedule, exp.optimizer(), config.optim,
+                                   exp.data_shape, p.loss_weighting, config.optim.ema_decay)
+  param_shardings = exp.param_shardings()
+  compiled = loop.compile_step(objective, exp.mesh, frozen_shardings={"teacher": param_shardings})
+  make_state = jax.jit(lambda params: state_lib.create(params, objective.optimizer),
+                       out_shardings=compiled.state_shardings)
+
+  teacher_ms = time_sampling(exp.sampler, original_teacher, steps[0])
+  teacher_fd = exp.evaluator.evaluate(original_teacher, steps[0])[0]["fd"]
+  logging.info("Original teacher: %d DDIM steps, FD %.4g, %.3f ms/sample", steps[0], teacher_fd, teacher_ms)
+  rows = [dict(stage="teacher", steps=steps[0], student_fd=teacher_fd, ddim_fd=teacher_fd,
+               ms_per_sample=teacher_ms, speedup=1.0)]
+
+  teacher = original_teacher
+  if p.start_stage > 0 and not config.teacher.checkpoint:
+    previous = stage_dir(workdir, p.start_stage - 1, steps[p.start_stage])
+    teacher = ckpt_lib.restore_params(os.path.join(previous, "checkpoints"), exp.abstract_params())
+  offset = sum(train_steps[:p.start_stage])
+  run_start = time.time()
+  for k in range(p.start_stage, num_stages):
+    n_teacher, n_student = steps[k], steps[k + 1]
+    directory = stage_dir(workdir, k, n_student)
+    stage = {"student_steps": jnp.int32(n_student), "num_steps": jnp.int32(train_steps[k]),
+             "teacher_substeps": jnp.int32(2 if p.two_step else steps[0] // n_student)}
+    frozen = {"teacher": teacher if p.two_step else original_teacher}
+    best_manager = ckpt_lib.manager(os.path.join(directory, "best"), max_to_keep=1)
+
+    def on_best(state, scalars, step, best_manager=best_manager):
+      ckpt_lib.save(best_manager, step, state, {"step": step, **scalars}, force=True)
+
+    def evaluate(params, step, n_student=n_student, k=k):
+      result, samples = exp.evaluator.evaluate(params, n_student)
+      logging.info("stage %d (%d steps) eval at step %d: FD %.4g", k, n_student, step, result["fd"])
+      from jdistill.eval.evaluate import image_grid
+      return {f"{key}": v for key, v in result.items()}, {"samples": image_grid(samples)[None]}
+
+    logging.info("Stage %d/%d: %d -> %d steps, %d train steps -> %s", k + 1, num_stages, n_teacher,
+                 n_student, train_steps[k], directory)
+    state, scalars = loop.run(
+        objective, workdir=directory, mesh=exp.mesh, train_data=exp.train_data(seed_offset=k),
+        num_steps=train_steps[k], writer=exp.writer, frozen=frozen, stage=stage,
+        evaluate=evaluate, compiled=compiled, seed=config.seed + k, log_every=config.train.log_every,
+        eval_every=p.eval_every, save_every=config.train.save_every,
+        metric_prefix=f"stage{k}_{n_student}steps/", global_step_offset=offset,
+        on_best=on_best, best_metric="fd",
+        initial_state=lambda: make_state(teacher), meta={"stage": k, "student_steps": n_student,
+                                                         "teacher_steps": n_teacher})
+    best_manager.wait_until_finished()
+    offset += train_steps[k]
+    student = objective.eval_params(state)
+    rows.append(stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, scalars))
+    teacher = student
+  write_summary(workdir, rows, time.time() - run_start, steps, exp)
+  return teacher
+
+
+def stage_dir(workdir, k, n_student):
+  return os.path.join(workdir, "stages", f"{k}_{n_student}steps")
+
+
+def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, scalars):
+  """Stage results (cached in <stage>/result.json so a resumed run does not recompute them)."""
+  path = os.path.join(directory, "result.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  from jdistill.eval.evaluate import image_grid, save_png
+  student_fd = scalars.get("fd") if scalars else None
+  if student_fd is None:
+    student_fd = exp.evaluator.evaluate(student, n_student)[0]["fd"]
+  ddim_result, ddim_samples = exp.evaluator.evaluate(original_teacher, n_student)
+  _, student_samples = exp.evaluator.evaluate(student, n_student)
+  save_png(image_grid(student_samples), os.path.join(directory, "student_samples.png"))
+  save_png(image_grid(ddim_samples), os.path.join(directory, "ddim_teacher_samples.png"))
+  ms = time_sampling(exp.sampler, student, n_student)
+  row = dict(stage=k, steps=n_student, student_fd=float(student_fd), ddim_fd=ddim_result["fd"],
+             ms_per_sample=ms, speedup=teacher_ms / ms)
+  exp.writer.write_scalars(k, {"summary/student_fd": row["student_fd"],
+                               "summary/ddim_teacher_fd": row["ddim_fd"],
+                               "summary/ms_per_sample": ms})
+  logging.info("Stage %d done: %d steps, student FD %.4g, DDIM teacher FD %.4g, %.3f ms/sample "
+               "(%.1fx faster than the teacher)", k, n_student, row["student_fd"], row["ddim_fd"], ms,
+               row["speedup"])
+  ckpt_lib.write_json(path, row)
+  return row
+
+
+def write_summary(workdir, rows, seconds, steps, exp):
+  if jax.process_index() != 0:
+    return
+  lines = [f"# Progressive distillation: {exp.config.preset}", "",
+           f"schedule {' -> '.join(map(str, steps))}, wall time {seconds / 60:.1f} min "
+           f"(this invocation), FD on {exp.config.eval.num_samples} samples vs the held-out split", "",
+           "| stage | steps | student FD | DDIM teacher FD (same steps) | ms / sample | speedup |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['stage']} | {r['steps']} | {r['student_fd']:.4g} | {r['ddim_fd']:.4g} | "
+                 f"{r['ms_per_sample']:.3f} | {r['speedup']:.1f}x |")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(text)
+  logging.info("\n%s", text)
+  plot_fd_vs_steps(rows, os.path.join(workdir, "fd_vs_steps.png"))
+
+
+def plot_fd_vs_steps(rows, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  stages = [r for r in rows if r["stage"] != "teacher"]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([r["steps"] for r in stages], [r["student_fd"] for r in stages], "o-", label="distilled")
+  ax.plot([r["steps"] for r in stages], [r["ddim_fd"] for r in stages], "s--", label="DDIM (teacher)")
+  ax.axhline(rows[0]["student_fd"], color="gray", lw=0.8, label=f"teacher, {rows[0]['steps']} steps")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("sampling steps")
+  ax.set_ylabel("FD")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
