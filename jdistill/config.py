@@ -88,10 +88,13 @@ def validate(config, num_devices: int):
   check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
   check(config.data.batch_size > 0 and config.data.batch_size % num_devices == 0,
         "data.batch_size", f"{config.data.batch_size} is not divisible by the {num_devices} devices")
+  check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
   check(num_devices % config.mesh.fsdp == 0, "mesh.fsdp",
         f"{config.mesh.fsdp} does not divide the {num_devices} devices")
   check(config.train.num_steps > 0, "train.num_steps", "must be > 0")
   check(config.train.log_every > 0, "train.log_every", "must be > 0")
+  check(config.train.save_every >= 0, "train.save_every", "must be >= 0 (0: only at the end)")
+  check(config.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
   check(config.model.name in ("unet", "mlp"), "model.name", f"unknown model {config.model.name!r}")
   check(config.eval.features in ("digits", "raw", "inception"), "eval.features",
         f"unknown feature net {config.eval.features!r}")

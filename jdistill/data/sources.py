@@ -104,6 +104,9 @@ def tfds_images(name, split, data_dir=None, resolution=None) -> Source:
   shape = tuple(features["image"].shape)
   if resolution:
     shape = (resolution, resolution, shape[-1])
+  elif None in shape[:2]:
+    raise ValueError(f"config.data.resolution: TFDS dataset {name!r} has images of varying size "
+                     f"{shape}; set a resolution to resize them to")
   num_classes = features["label"].num_classes if "label" in features else 0
   return Source(TfdsImageSource(name, split, data_dir, resolution), shape, num_classes)
 
@@ -113,6 +116,8 @@ def image_folder(path, resolution) -> Source:
   from PIL import Image
   if not os.path.isdir(path):
     raise ValueError(f"config.data.path: {path!r} is not a directory")
+  if not resolution or resolution < 1:
+    raise ValueError(f"config.data.resolution: image_folder needs a resolution > 0, got {resolution!r}")
   classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
   files = []
   for label, folder in enumerate(classes or [""]):

@@ -65,10 +65,23 @@ def restore_params(directory: str, abstract_params: Any, key: str = "ema_params"
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no checkpoint in {directory!r}")
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  # A checkpoint saved on another topology (a 2-process run, a GPU/TPU pod) has shardings naming
+  # devices this process may not have: restore those arrays replicated, then `place_like` reshards.
+  fallback = _replicated_like(abstract_params)
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(fallback_sharding=fallback)))["state"]
   if key not in state:
     raise CheckpointError(f"{directory}/{step}: the state has no '{key}' (has {sorted(state)})")
   return place_like(state[key], abstract_params, f"{directory}/{step} '{key}'")
+
+
+def _replicated_like(abstract_params):
+  """A replicated sharding on the mesh of `abstract_params` (else this process's first device)."""
+  for leaf in jax.tree.leaves(abstract_params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def place_like(params, abstract_params, what: str):

@@ -31,7 +31,7 @@ def mesh_spec(names, shape, mesh: Mesh) -> P:
   used, spec = set(), []
   for name, size in zip(names, shape):
     axis = RULES.get(name)
-    if axis is None or axis in used or size % mesh.shape[axis]:
+    if axis is None or axis in used or mesh.shape[axis] == 1 or size % mesh.shape[axis]:
       spec.append(None)
     else:
       spec.append(axis)

@@ -70,8 +70,10 @@ def keep_if_finite(new_state, old_state, loss):
   data and RNG stay aligned with an unbroken run). A NaN never reaches the params or a checkpoint."""
   finite = jnp.isfinite(loss)
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+  if hasattr(kept, "step"):
+    kept = kept.replace(step=new_state.step)
   return kept, jnp.logical_not(finite).astype(jnp.int32)
 
 
 def global_norm(tree):
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)

@@ -1,0 +1,224 @@
+"""Config validation (fails fast naming the field, also from the command line) and the progressive
+distillation schedule parsing."""
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import progressive as progressive_config
+from configs import teacher as teacher_config
+from jdistill.config import ConfigError, base_config, validate
+from jdistill.objectives.progressive import ScheduleError, stage_train_steps, step_schedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- validate
+
+@pytest.mark.parametrize("preset", ["digits", "toy2d"])
+def test_valid_cpu_configs_pass(preset):
+  validate(base_config(preset), 1)
+  validate(teacher_config.get_config(preset), 2)
+  validate(progressive_config.get_config(preset), 4)
+
+
+def test_valid_tfds_config_passes_with_weights_file(tmp_path):
+  weights = tmp_path / "inception.npz"
+  weights.write_bytes(b"x")
+  config = base_config("cifar10")
+  config.eval.inception_weights = str(weights)
+  validate(config, 8)
+
+
+def _mutations():
+  def set_(path, value):
+    def apply(c):
+      *parents, leaf = path.split(".")
+      node = c
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    return apply
+
+  def tfds_missing(c):
+    c.data.source = "tfds"
+    c.data.name = "no_such_dataset_xyz"
+
+  def no_inception_weights(c):
+    c.eval.features = "inception"
+    c.eval.inception_weights = ""
+
+  def missing_inception_weights(c):
+    c.eval.features = "inception"
+    c.eval.inception_weights = "/nonexistent/inception_fid.npz"
+
+  def fsdp_not_dividing(c):
+    c.data.batch_size = 126           # divisible by the 3 devices: only fsdp is wrong
+    c.mesh.fsdp = 2
+
+  return [
+      ("diffusion.schedule.name", set_("diffusion.schedule.name", "sigmoidish"), 1),
+      ("optim.lr", set_("optim.lr", -1e-3), 1),
+      ("optim.lr", set_("optim.lr", 0.0), 1),
+      ("data.batch_size", set_("data.batch_size", 128), 3),
+      ("data.batch_size", set_("data.batch_size", 0), 1),
+      ("data.name", tfds_missing, 1),
+      ("diffusion.parameterization", set_("diffusion.parameterization", "score"), 1),
+      ("diffusion.loss_weighting", set_("diffusion.loss_weighting", "bogus"), 1),
+      ("mesh.fsdp", fsdp_not_dividing, 3),
+      ("eval.inception_weights", no_inception_weights, 1),
+      ("eval.inception_weights", missing_inception_weights, 1),
+      ("optim.name", set_("optim.name", "sgd9"), 1),
+      ("optim.ema_decay", set_("optim.ema_decay", 1.0), 1),
+      ("train.num_steps", set_("train.num_steps", 0), 1),
+      ("model.name", set_("model.name", "transformer"), 1),
+      ("data.source", set_("data.source", "s3"), 1),
+      ("data.path", lambda c: c.data.update(source="image_folder", path="/nonexistent/imgs"), 1),
+  ]
+
+
+@pytest.mark.parametrize("field,mutate,num_devices", _mutations(),
+                         ids=[f"{m[0]}-{i}" for i, m in enumerate(_mutations())])
+def test_invalid_field_is_named(field, mutate, num_devices):
+  config = base_config("digits")
+  validate(config, 1)                   # the unmodified config is valid
+  mutate(config)
+  with pytest.raises(ConfigError) as info:
+    validate(config, num_devices)
+  assert f"config.{field}" in str(info.value)
+  assert isinstance(info.value, ValueError)
+
+
+def test_batch_divisible_by_devices():
+  config = base_config("digits")
+  config.data.batch_size = 129
+  validate(config, 3)                   # 129 = 3 * 43
+  with pytest.raises(ConfigError, match=r"config\.data\.batch_size"):
+    validate(config, 2)
+
+
+def test_unknown_preset():
+  with pytest.raises(ConfigError, match="preset"):
+    base_config("celeba")
+
+
+def test_command_line_fails_before_compute(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "jdistill.main", "--config=configs/teacher.py",
+       f"--workdir={workdir}", "--config.optim.lr=-1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "ConfigError" in result.stderr
+  assert "config.optim.lr" in result.stderr
+  assert not workdir.exists()          # nothing written: no checkpoints, no logs
+  assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- progressive schedule
+
+def progressive(steps="", two_step=True, **kwargs):
+  config = progressive_config.get_config()
+  config.progressive.steps = steps
+  config.progressive.two_step = two_step
+  config.progressive.update(kwargs)
+  return config
+
+
+@pytest.fixture
+def warnings_log(caplog):
+  caplog.set_level(logging.WARNING)
+  return caplog
+
+
+def _schedule_warnings(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno == logging.WARNING and "progressive stage" in r.getMessage()]
+
+
+def test_default_schedule_halves(warnings_log):
+  assert step_schedule(progressive(), 8) == [8, 4, 2, 1]
+  assert step_schedule(progressive(), 2) == [2, 1]
+  assert step_schedule(progressive(), 64) == [64, 32, 16, 8, 4, 2, 1]
+  assert _schedule_warnings(warnings_log) == []
+
+
+def test_explicit_schedule_near_two_is_quiet(warnings_log):
+  assert step_schedule(progressive("25,13,7,4,2,1"), 64) == [25, 13, 7, 4, 2, 1]
+  assert step_schedule(progressive(" 8, 4 ,2,1 "), 64) == [8, 4, 2, 1]
+  assert _schedule_warnings(warnings_log) == []
+
+
+def test_explicit_schedule_far_from_two_warns(warnings_log):
+  assert step_schedule(progressive("16,4,2,1"), 64) == [16, 4, 2, 1]
+  messages = _schedule_warnings(warnings_log)
+  assert len(messages) == 1
+  assert "progressive stage 0" in messages[0] and "16 -> 4" in messages[0]
+  assert "4.00" in messages[0]
+  warnings_log.clear()
+  assert step_schedule(progressive("8,4,3,1"), 64) == [8, 4, 3, 1]
+  messages = _schedule_warnings(warnings_log)
+  assert len(messages) == 2
+  assert "stage 1 (4 -> 3" in messages[0] and "stage 2 (3 -> 1" in messages[1]
+
+
+def test_direct_variant_does_not_warn(warnings_log):
+  assert step_schedule(progressive("16,4,2,1", two_step=False), 64) == [16, 4, 2, 1]
+  assert _schedule_warnings(warnings_log) == []
+
+
+@pytest.mark.parametrize("steps,teacher_steps,message", [
+    ("4,8", 8, "strictly decrease"),
+    ("8,4,4,2", 8, "strictly decrease"),
+    ("4,2,0", 8, ">= 1"),
+    ("4,-2", 8, ">= 1"),
+    ("", 6, "power of two"),
+    ("", 1, "power of two"),
+    ("4", 8, "at least one student"),
+    ("4,two,1", 8, "not a list of integers"),
+    ("4.0,2", 8, "not a list of integers"),
+])
+def test_bad_schedules(steps, teacher_steps, message):
+  with pytest.raises(ScheduleError, match=message) as info:
+    step_schedule(progressive(steps), teacher_steps)
+  assert "config." in str(info.value)
+  assert isinstance(info.value, ValueError)
+
+
+def test_empty_schedule_error_names_teacher_steps():
+  with pytest.raises(ScheduleError, match=r"config\.teacher\.sampling_steps=6"):
+    step_schedule(progressive(""), 6)
+
+
+def test_stage_train_steps_overrides():
+  config = progressive(steps_per_stage=10, stage_overrides="0:30,2:50")
+  assert stage_train_steps(config, 3, 1297) == [30, 10, 50]
+  config.progressive.stage_overrides = " 1 : 7 "
+  assert stage_train_steps(config, 3, 1297) == [10, 7, 10]
+  config.progressive.stage_overrides = ""
+  assert stage_train_steps(config, 4, 1297) == [10, 10, 10, 10]
+
+
+def test_stage_train_steps_epochs():
+  config = progressive(steps_per_stage=10, epochs_per_stage=2.0)
+  config.data.batch_size = 128
+  assert stage_train_steps(config, 3, 1297) == [20, 20, 20]     # round(2 * 1297 / 128) = 20
+  config.progressive.stage_overrides = "1:5"
+  assert stage_train_steps(config, 3, 1297) == [20, 5, 20]
+  config.progressive.update(epochs_per_stage=0.01, stage_overrides="")
+  assert stage_train_steps(config, 2, 1297) == [1, 1]           # at least one step
+
+
+@pytest.mark.parametrize("overrides", ["5:10", "3:10", "-1:10", "1:0", "x", "1", "1:2:3", "a:b"])
+def test_stage_train_steps_bad_overrides(overrides):
+  config = progressive(steps_per_stage=10, stage_overrides=overrides)
+  with pytest.raises(ScheduleError, match=r"config\.progressive\.stage_overrides"):
+    stage_train_steps(config, 3, 1297)
+
+
+def test_stage_train_steps_bad_steps_per_stage():
+  with pytest.raises(ScheduleError, match=r"steps_per_stage"):
+    stage_train_steps(progressive(steps_per_stage=0), 3, 1297)

@@ -1,0 +1,326 @@
+"""Data sources (digits, toy2d, TFDS under mock_data, image folders) and the grain pipeline (CPU, fast)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jdistill.config import base_config
+from jdistill.data import pipeline, sources
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def indexed(source):
+  """The same examples with label = index, so pipeline outputs can be traced to their source row."""
+  n = len(source.records)
+  return sources.Source(sources.ArraySource(source.records.x, np.arange(n, dtype=np.int32)),
+                        source.data_shape, n)
+
+
+# ----------------------------------------------------------------------------- digits
+
+@pytest.fixture(scope="module")
+def digits_train():
+  return sources.digits("train")
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+  return sources.digits("test")
+
+
+def test_digits_sizes_shapes_values(digits_train, digits_test):
+  for source, size in ((digits_train, 1297), (digits_test, 500)):
+    assert len(source.records) == size
+    assert tuple(source.data_shape) == (8, 8, 1)
+    assert source.is_image
+    assert source.num_classes == 10
+    x, label = source.records.x, source.records.label
+    assert x.shape == (size, 8, 8, 1) and x.dtype == np.float32
+    assert label.shape == (size,) and label.dtype == np.int32
+    assert x.min() == -1.0 and x.max() == 1.0
+    assert set(label.tolist()) == set(range(10))
+    record = source.records[5]
+    assert record["x"].shape == (8, 8, 1)
+    np.testing.assert_array_equal(record["x"], x[5])
+    assert record["label"] == label[5]
+
+
+def test_digits_values_are_scaled_pixels(digits_train):
+  # sklearn digits pixels are integers 0..16 mapped linearly to [-1, 1]
+  pixels = (digits_train.records.x + 1.0) / 2.0 * 16.0
+  np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-5)
+
+
+def test_digits_split_is_fixed(digits_train, digits_test):
+  again_train, again_test = sources.digits("train"), sources.digits("test")
+  np.testing.assert_array_equal(again_train.records.x, digits_train.records.x)
+  np.testing.assert_array_equal(again_train.records.label, digits_train.records.label)
+  np.testing.assert_array_equal(again_test.records.x, digits_test.records.x)
+  np.testing.assert_array_equal(again_test.records.label, digits_test.records.label)
+
+
+def test_digits_train_and_test_partition_the_dataset(digits_train, digits_test):
+  """train + test is exactly the 1797 scikit-learn digits as a multiset of (image, label) rows:
+  every original row is used once (duplicate images in digits are handled by counting)."""
+  from collections import Counter
+  from sklearn.datasets import load_digits
+  data = load_digits()
+  full = (data.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[..., None]
+
+  def rows(x, label):
+    return Counter(xi.tobytes() + np.int32(li).tobytes() for xi, li in zip(x, label))
+
+  full_rows = rows(full, data.target)
+  train_rows = rows(digits_train.records.x, digits_train.records.label)
+  test_rows = rows(digits_test.records.x, digits_test.records.label)
+  assert train_rows + test_rows == full_rows
+  assert sum(train_rows.values()) + sum(test_rows.values()) == 1797
+  # Images that occur once in the full set cannot be in both splits.
+  unique = {k for k, v in full_rows.items() if v == 1}
+  assert not (set(train_rows) & set(test_rows) & unique)
+
+
+def test_digits_unknown_split():
+  with pytest.raises(ValueError, match="split"):
+    sources.digits("validation")
+
+
+# ----------------------------------------------------------------------------- toy2d
+
+@pytest.mark.parametrize("name", sources.TOY2D)
+def test_toy2d(name):
+  train = sources.toy2d(name, "train", num_examples=5000)
+  test = sources.toy2d(name, "test", num_examples=5000)
+  for source in (train, test):
+    x = source.records.x
+    assert x.shape == (5000, 2) and x.dtype == np.float32
+    assert np.all(np.isfinite(x))
+    assert np.abs(x).max() <= 1.5
+    assert x.std(axis=0).min() > 0.1        # spread out, not collapsed
+    assert tuple(source.data_shape) == (2,) and not source.is_image
+    assert source.num_classes == 0
+    assert np.all(source.records.label == 0)
+  assert not np.allclose(train.records.x, test.records.x)
+  np.testing.assert_array_equal(sources.toy2d(name, "train", num_examples=5000).records.x,
+                                train.records.x)
+
+
+def test_toy2d_via_load_split_and_unknown_name():
+  config = base_config("toy2d").data
+  source = sources.load_split(config, "train")
+  assert source.records.x.shape == (50_000, 2)
+  config.name = "spirals"
+  with pytest.raises(ValueError, match=r"config\.data\.name"):
+    sources.load_split(config, "train")
+
+
+def test_unknown_source():
+  config = base_config("digits").data
+  config.source = "s3"
+  with pytest.raises(ValueError, match=r"config\.data\.source"):
+    sources.load_split(config, "train")
+
+
+# ----------------------------------------------------------------------------- grain pipeline
+
+def test_pipeline_batches_shapes(digits_train):
+  batches = take(pipeline.make_iterator(pipeline.train_dataset(digits_train, 32, seed=0)), 3)
+  for b in batches:
+    assert b["x"].shape == (32, 8, 8, 1) and b["x"].dtype == np.float32
+    assert b["label"].shape == (32,) and b["label"].dtype == np.int32
+
+
+def test_pipeline_drop_remainder_and_epochs():
+  """10 examples, batches of 4: every batch is full, and each epoch visits every example once
+  (reshuffled per epoch)."""
+  x = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 1), np.float32)
+  source = sources.Source(sources.ArraySource(x, np.arange(10, dtype=np.int32)), (2, 2, 1), 10)
+  batches = take(pipeline.make_iterator(pipeline.train_dataset(source, 4, seed=3)), 10)
+  assert all(b["label"].shape == (4,) and b["x"].shape == (4, 2, 2, 1) for b in batches)
+  labels = np.concatenate([b["label"] for b in batches])
+  epoch1, epoch2 = labels[:10], labels[10:20]
+  assert sorted(epoch1.tolist()) == list(range(10))
+  assert sorted(epoch2.tolist()) == list(range(10))
+  assert epoch1.tolist() != epoch2.tolist()
+  for b in batches:       # x and label stay aligned
+    np.testing.assert_array_equal(b["x"][:, 0, 0, 0], b["label"].astype(np.float32))
+
+
+def test_pipeline_same_seed_same_batches(digits_train):
+  a = take(pipeline.make_iterator(pipeline.train_dataset(digits_train, 32, seed=7)), 5)
+  b = take(pipeline.make_iterator(pipeline.train_dataset(digits_train, 32, seed=7)), 5)
+  assert_batches_equal(a, b)
+  c = take(pipeline.make_iterator(pipeline.train_dataset(digits_train, 32, seed=8)), 5)
+  assert not np.array_equal(np.concatenate([x["x"] for x in a]),
+                            np.concatenate([x["x"] for x in c]))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_pipeline_restore_from_state(digits_train, flip):
+  k, n = 3, 4
+  unbroken = take(pipeline.make_iterator(pipeline.train_dataset(digits_train, 32, 11, flip)), k + n)
+  first = pipeline.make_iterator(pipeline.train_dataset(digits_train, 32, 11, flip))
+  assert_batches_equal(take(first, k), unbroken[:k])
+  state = json.loads(json.dumps(first.get_state()))      # JSON-able, as checkpoints store it
+  restored = pipeline.make_iterator(pipeline.train_dataset(digits_train, 32, 11, flip), state)
+  assert_batches_equal(take(restored, n), unbroken[k:])
+  assert_batches_equal(take(first, n), unbroken[k:])     # taking the state does not disturb it
+
+
+def test_pipeline_flip_images(digits_train):
+  source = indexed(digits_train)
+  x = source.records.x
+  flipped_batches = take(pipeline.make_iterator(pipeline.train_dataset(source, 64, 5, flip=True)), 4)
+  plain_batches = take(pipeline.make_iterator(pipeline.train_dataset(source, 64, 5, flip=False)), 4)
+  n_flipped = n_same = 0
+  for fb, pb in zip(flipped_batches, plain_batches):
+    np.testing.assert_array_equal(fb["label"], pb["label"])   # flipping does not change the order
+    np.testing.assert_array_equal(pb["x"], x[pb["label"]])     # no flip: the source images
+    for image, index in zip(fb["x"], fb["label"]):
+      original, mirrored = x[index], x[index][:, ::-1]
+      if np.array_equal(original, mirrored):
+        continue                                                # symmetric: cannot tell
+      if np.array_equal(image, mirrored):
+        n_flipped += 1
+      else:
+        np.testing.assert_array_equal(image, original)
+        n_same += 1
+  total = n_flipped + n_same
+  assert total > 200
+  assert 0.3 < n_flipped / total < 0.7                          # p = 0.5
+  again = take(pipeline.make_iterator(pipeline.train_dataset(source, 64, 5, flip=True)), 4)
+  assert_batches_equal(again, flipped_batches)                  # the flips are seeded too
+
+
+def test_pipeline_flip_is_noop_for_toy2d():
+  source = sources.toy2d("moons", "train", num_examples=1000)
+  with_flip = take(pipeline.make_iterator(pipeline.train_dataset(source, 50, 2, flip=True)), 3)
+  without = take(pipeline.make_iterator(pipeline.train_dataset(source, 50, 2, flip=False)), 3)
+  assert_batches_equal(with_flip, without)
+  assert with_flip[0]["x"].shape == (50, 2)
+
+
+def test_all_examples(digits_test):
+  all_ = pipeline.all_examples(digits_test)
+  np.testing.assert_array_equal(all_["x"], digits_test.records.x)
+  np.testing.assert_array_equal(all_["label"], digits_test.records.label)
+  first = pipeline.all_examples(digits_test, limit=7)
+  assert first["x"].shape == (7, 8, 8, 1)
+  np.testing.assert_array_equal(first["x"], digits_test.records.x[:7])
+
+
+# ----------------------------------------------------------------------------- TFDS (mocked)
+
+@pytest.mark.parametrize("preset,shape", [("cifar10", (32, 32, 3)), ("mnist", (32, 32, 1))])
+def test_tfds_mocked(preset, shape):
+  import tensorflow_datasets as tfds
+  config = base_config(preset).data
+  assert config.source == "tfds"
+  with tfds.testing.mock_data(num_examples=20):
+    for split in ("train", "test"):
+      source = sources.load_split(config, split)
+      assert len(source.records) == 20
+      assert tuple(source.data_shape) == shape
+      assert source.num_classes == 10
+      assert source.is_image
+      for i in (0, 7, 19):
+        record = source.records[i]
+        assert record["x"].shape == shape and record["x"].dtype == np.float32
+        assert -1.0 <= record["x"].min() and record["x"].max() <= 1.0
+        assert record["x"].std() > 0
+        assert record["label"].dtype == np.int32 and 0 <= int(record["label"]) < 10
+    iterator = pipeline.make_iterator(pipeline.train_dataset(source, 8, seed=0, flip=config.flip))
+    batch = next(iterator)
+    assert batch["x"].shape == (8, *shape) and batch["label"].shape == (8,)
+    assert -1.0 <= batch["x"].min() and batch["x"].max() <= 1.0
+
+
+def test_tfds_mocked_native_resolution_and_varying_sizes():
+  import tensorflow_datasets as tfds
+  config = base_config("mnist").data
+  config.resolution = 0                       # keep MNIST's own 28x28
+  with tfds.testing.mock_data(num_examples=4):
+    source = sources.load_split(config, "train")
+    assert tuple(source.data_shape) == (28, 28, 1)
+    assert source.records[0]["x"].shape == (28, 28, 1)
+
+    config.update(name="tf_flowers", train_split="train", resolution=16)   # images of varying size
+    source = sources.load_split(config, "train")
+    assert tuple(source.data_shape) == (16, 16, 3)
+    assert {source.records[i]["x"].shape for i in range(4)} == {(16, 16, 3)}
+    config.resolution = 0
+    with pytest.raises(ValueError, match=r"config\.data\.resolution"):
+      sources.load_split(config, "train")
+
+
+def test_tfds_unknown_dataset():
+  config = base_config("cifar10").data
+  config.name = "no_such_dataset_xyz"
+  with pytest.raises(ValueError, match=r"config\.data\.name"):
+    sources.load_split(config, "train")
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def write_image(path, size, color, mode="RGB"):
+  Image.new(mode, size, color).save(path)
+
+
+def test_image_folder(tmp_path):
+  (tmp_path / "classB").mkdir()
+  (tmp_path / "classA").mkdir()
+  write_image(tmp_path / "classA" / "a0.png", (8, 8), (255, 0, 51))          # already 8x8: exact
+  write_image(tmp_path / "classA" / "a1.png", (20, 12), (0, 255, 0))
+  (tmp_path / "classA" / "notes.txt").write_text("ignored")
+  write_image(tmp_path / "classB" / "b0.png", (16, 16), 200, mode="L")       # grayscale -> RGB
+  write_image(tmp_path / "classB" / "b1.PNG", (5, 9), (10, 20, 30, 255), mode="RGBA")
+  config = base_config("digits").data
+  config.update(source="image_folder", path=str(tmp_path), resolution=8)
+  source = sources.load_split(config, "train")
+  assert len(source.records) == 4
+  assert tuple(source.data_shape) == (8, 8, 3)
+  assert source.num_classes == 2
+  x, labels = source.records.x, source.records.label
+  assert x.shape == (4, 8, 8, 3) and x.dtype == np.float32
+  assert labels.tolist() == [0, 0, 1, 1]                  # sorted class folders: classA=0, classB=1
+  assert -1.0 <= x.min() and x.max() <= 1.0
+  np.testing.assert_allclose(x[0], np.broadcast_to([1.0, -1.0, 51 / 127.5 - 1.0], (8, 8, 3)),
+                             atol=1e-6)
+  np.testing.assert_allclose(x[1], np.broadcast_to([-1.0, 1.0, -1.0], (8, 8, 3)), atol=1e-6)
+  np.testing.assert_allclose(x[2], np.full((8, 8, 3), 200 / 127.5 - 1.0), atol=1e-6)
+  np.testing.assert_allclose(x[3], np.broadcast_to(np.array([10, 20, 30]) / 127.5 - 1.0, (8, 8, 3)),
+                             atol=1e-6)
+  batch = next(pipeline.make_iterator(pipeline.train_dataset(source, 2, seed=0, flip=True)))
+  assert batch["x"].shape == (2, 8, 8, 3)
+
+
+def test_image_folder_errors(tmp_path):
+  config = base_config("digits").data
+  config.update(source="image_folder", path=str(tmp_path / "missing"), resolution=8)
+  with pytest.raises(ValueError, match=r"config\.data\.path"):
+    sources.load_split(config, "train")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  config.path = str(empty)
+  with pytest.raises(ValueError, match=r"config\.data\.path"):
+    sources.load_split(config, "train")
+  (empty / "classA").mkdir()                              # class folders but no images
+  (empty / "classA" / "readme.md").write_text("no images here")
+  with pytest.raises(ValueError, match=r"config\.data\.path"):
+    sources.load_split(config, "train")
+  write_image(empty / "classA" / "a.png", (8, 8), (1, 2, 3))
+  config.resolution = 0
+  with pytest.raises(ValueError, match=r"config\.data\.resolution"):
+    sources.load_split(config, "train")
