@@ -95,8 +95,12 @@ def save_png(grid, path: str, scale: int = 4):
   array = (np.asarray(grid) * 255).round().astype(np.uint8)
   if array.shape[-1] == 1:
     array = array[..., 0]
+  import io
+  from jdistill.train.checkpoint import write_bytes
   image = Image.fromarray(array)
-  image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+  buffer = io.BytesIO()
+  image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(buffer, format="png")
+  write_bytes(path, buffer.getvalue())
 
 
 def to_uint8(samples):

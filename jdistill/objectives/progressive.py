@@ -17,7 +17,7 @@ compilation serves the whole schedule.
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import math
 import os
 import time
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from jdistill.diffusion import sampling
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
@@ -191,8 +192,9 @@ def load_teacher(exp):
       logging.info("Teacher: %s", path)
       return teacher_lib.load_exported(path, abstract)
     logging.info("Teacher: EMA params of the Orbax checkpoint in %s", path)
-    return ckpt_lib.restore_params(os.path.join(path, "checkpoints") if os.path.isdir(
-        os.path.join(path, "checkpoints")) else path, abstract)
+    run_checkpoints = os.path.join(path, "checkpoints")
+    return ckpt_lib.restore_params(
+        run_checkpoints if epath.Path(run_checkpoints).is_dir() else path, abstract)
   bundled = teacher_lib.bundled_teacher_path(c)
   if bundled:
     logging.info("Teacher: the bundled digits teacher %s (reproduce with "
@@ -290,9 +292,9 @@ def stage_dir(workdir, k, n_student):
 def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, scalars):
   """Stage results (cached in <stage>/result.json so a resumed run does not recompute them)."""
   path = os.path.join(directory, "result.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  cached = ckpt_lib.read_json(path)
+  if cached is not None:
+    return cached
   from jdistill.eval.evaluate import image_grid, save_png
   student_fd = scalars.get("fd") if scalars else None
   if student_fd is None:
@@ -326,8 +328,7 @@ def write_summary(workdir, rows, seconds, steps, exp):
     lines.append(f"| {r['stage']} | {r['steps']} | {r['student_fd']:.4g} | {r['ddim_fd']:.4g} | "
                  f"{r['ms_per_sample']:.3f} | {r['speedup']:.1f}x |")
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(text)
+  ckpt_lib.write_text(os.path.join(workdir, "summary.md"), text)
   logging.info("\n%s", text)
   plot_fd_vs_steps(rows, os.path.join(workdir, "fd_vs_steps.png"))
 
@@ -347,5 +348,7 @@ def plot_fd_vs_steps(rows, path):
   ax.set_ylabel("FD")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
+  ckpt_lib.write_bytes(path, buffer.getvalue())

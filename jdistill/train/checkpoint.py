@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointError(RuntimeError):
@@ -17,8 +18,13 @@ class CheckpointError(RuntimeError):
 def manager(directory: str, max_to_keep: Optional[int] = 2, asynchronous: bool = True):
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=asynchronous)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(absolute(directory), options=options,
                                item_names=("state", "meta"))
+
+
+def absolute(path: str):
+  """An absolute local path, or a remote one (gs://...) untouched."""
+  return path if "://" in str(path) else os.path.abspath(path)
 
 
 def save(mngr, step: int, state, meta: dict, force: bool = False):
@@ -59,7 +65,7 @@ def restore_params(directory: str, abstract_params: Any, key: str = "ema_params"
                    step: Optional[int] = None):
   """Restores only `state[key]` (e.g. a teacher's EMA params) from a checkpoint directory and places
   it like `abstract_params` (ShapeDtypeStructs with shardings). Says which and why on a mismatch."""
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
   mngr = manager(directory, asynchronous=False)
   step = mngr.latest_step() if step is None else step
@@ -101,10 +107,24 @@ def place_like(params, abstract_params, what: str):
 
 
 def write_json(path: str, payload: dict):
-  """Atomic JSON write (tmp + rename), process 0 only."""
+  """Atomic JSON write (tmp + rename; local disk or gs://), process 0 only."""
+  write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def write_text(path: str, text: str):
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes):
+  """Atomic write (tmp + rename) on local disk or gs://, process 0 only."""
   if jax.process_index() != 0:
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  tmp = epath.Path(str(path) + ".tmp")
+  tmp.write_bytes(data)
+  tmp.replace(epath.Path(path))
+
+
+def read_json(path: str):
+  """The JSON at `path` (local or gs://), or None if there is none."""
+  path = epath.Path(path)
+  return json.loads(path.read_text()) if path.exists() else None

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 from clu import metric_writers
+from etils import epath
 
 from jdistill import config as config_lib
 from jdistill.data import pipeline, sources
@@ -55,9 +56,12 @@ class Experiment:
     return jax.tree.map(lambda a: a.sharding, self.abstract_params())
 
 
-def build(config, workdir: str, *, evaluator: bool = True) -> Experiment:
+def build(config, workdir: str, *, evaluator: bool = True, record_config: bool = True) -> Experiment:
   config_lib.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if record_config:
+    from jdistill.train.checkpoint import write_text
+    write_text(f"{workdir}/config.json", config.to_json_best_effort(indent=2))
   mesh = partitioning.make_mesh(config.mesh.fsdp)
   train_source = sources.load_split(config.data, "train")
   test_source = sources.load_split(config.data, "test")

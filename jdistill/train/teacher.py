@@ -8,10 +8,12 @@ import time
 
 import jax
 from absl import logging
+from etils import epath
 from flax import serialization
 
 from jdistill.eval import evaluate as eval_lib
 from jdistill.objectives.denoising import DenoisingObjective
+from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup
 
 
@@ -83,8 +85,7 @@ def write_summary(workdir, rows, train_seconds, exp):
     extra = [f"{v:.4g}" for k, v in r.items() if k not in ("steps", "fd", "seconds")]
     lines.append(f"| {r['steps']} | {r['fd']:.4g} | " + " | ".join(extra) + (" |" if extra else ""))
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(text)
+  ckpt_lib.write_text(os.path.join(workdir, "summary.md"), text)
   logging.info("\n%s", text)
 
 
@@ -117,10 +118,9 @@ def bundled_teacher_path(config):
 def load_exported(path, abstract_params):
   """EMA params from an exported .msgpack, checked against and placed like `abstract_params`."""
   from jdistill.train.checkpoint import CheckpointError, place_like
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise CheckpointError(f"teacher file {path!r} does not exist")
-  with open(path, "rb") as f:
-    params = serialization.msgpack_restore(f.read())
+  params = serialization.msgpack_restore(epath.Path(path).read_bytes())
   return place_like(params, abstract_params, f"teacher {path}")
 
 
@@ -128,8 +128,8 @@ def export(params, config, workdir):
   """Writes the EMA params (msgpack) and the model/diffusion config they need (JSON)."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "teacher.msgpack"), "wb") as f:
-    f.write(serialization.to_bytes(jax.device_get(params)))
-  with open(os.path.join(workdir, "teacher.json"), "w") as f:
-    json.dump({"model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
-               "data": config.data.to_dict(), "train_steps": config.train.num_steps}, f, indent=2)
+  ckpt_lib.write_bytes(os.path.join(workdir, "teacher.msgpack"),
+                       serialization.to_bytes(jax.device_get(params)))
+  ckpt_lib.write_json(os.path.join(workdir, "teacher.json"),
+                      {"model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
+                       "data": config.data.to_dict(), "train_steps": config.train.num_steps})

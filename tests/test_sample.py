@@ -1,0 +1,64 @@
+"""The sampling CLI and teacher export/import."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jdistill.train import checkpoint as ckpt_lib
+from jdistill.train import setup, teacher as teacher_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_run(tmp_path_factory):
+  from conftest import tiny_unet
+  from jdistill.config import base_config
+  config = tiny_unet(base_config("digits"))
+  config.data.batch_size = 16
+  config.train.update(num_steps=6, log_every=3, save_every=3, eval_every=0)
+  config.eval.update(num_samples=32, final_steps=(1,), batch_size=32)
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  params = teacher_lib.train(config, workdir)
+  return config, workdir, params
+
+
+@pytest.mark.parametrize("checkpoint", [None, "teacher.msgpack"])
+def test_sample_cli_writes_uint8_nhwc_and_a_png(tiny_teacher_run, tmp_path, checkpoint):
+  _, workdir, _ = tiny_teacher_run
+  out = tmp_path / "s.npz"
+  cmd = [sys.executable, "-m", "jdistill.sample", f"--workdir={workdir}", "--num_steps=3",
+         "--num_samples=12", f"--out={out}"]
+  if checkpoint:
+    cmd.append(f"--checkpoint={os.path.join(workdir, checkpoint)}")
+  result = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  samples = np.load(out)["samples"]
+  assert samples.shape == (12, 8, 8, 1) and samples.dtype == np.uint8
+  assert samples.max() > samples.min()
+  assert (tmp_path / "s.png").stat().st_size > 100
+
+
+def test_exported_teacher_equals_checkpoint_ema(tiny_teacher_run):
+  config, workdir, params = tiny_teacher_run
+  exp = setup.build(config, workdir + "_check", evaluator=False)
+  exported = teacher_lib.load_exported(os.path.join(workdir, "teacher.msgpack"), exp.abstract_params())
+  restored = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), exp.abstract_params())
+  import jax
+  for a, b, c in zip(jax.tree.leaves(exported), jax.tree.leaves(restored), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_bundled_teacher_refuses_a_different_model_config():
+  from jdistill.config import base_config
+  if not os.path.exists(teacher_lib.BUNDLED_DIGITS_TEACHER):
+    pytest.fail("the bundled digits teacher is missing from jdistill/assets")
+  config = base_config("digits")
+  assert teacher_lib.bundled_teacher_path(config) == teacher_lib.BUNDLED_DIGITS_TEACHER
+  config.model.channels = 17
+  with pytest.raises(ValueError, match="config.model.channels=17"):
+    teacher_lib.bundled_teacher_path(config)
