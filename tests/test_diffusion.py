@@ -182,3 +182,24 @@ def test_classifier_free_guidance_combination():
   np.testing.assert_allclose(guided.x0, 1.5)
   np.testing.assert_allclose(guided.eps, 2.5)
   np.testing.assert_allclose(guided.v, 4.0)
+
+
+def test_conditional_unet_and_classifier_free_guidance():
+  from jdistill.models.unet import UNet
+  from jdistill.models.denoiser import Denoiser
+  module = UNet(out_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4,
+                num_classes=10)
+  denoiser = Denoiser(module, "v", num_classes=10)
+  params = denoiser.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)))["params"]
+  # make the output depend on the input (the last conv starts at ~0)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  z = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
+  logsnr = jnp.array([-2.0, 0.0, 2.0])
+  label = jnp.array([1, 2, 3])
+  conditional = denoiser.predict(params, z, logsnr, label)
+  unconditional = denoiser.predict(params, z, logsnr, jnp.full((3,), 10))
+  assert float(jnp.abs(conditional.x0 - unconditional.x0).max()) > 1e-4   # the label matters
+  np.testing.assert_allclose(denoiser.predict_guided(params, z, logsnr, label, 0.0).x0,
+                             conditional.x0, atol=1e-5)
+  guided = denoiser.predict_guided(params, z, logsnr, label, 2.0)
+  np.testing.assert_allclose(guided.eps, 3.0 * conditional.eps - 2.0 * unconditional.eps, atol=1e-4)

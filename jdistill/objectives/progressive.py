@@ -30,6 +30,7 @@ from absl import logging
 from etils import epath
 
 from jdistill.diffusion import sampling
+from jdistill.eval.evaluate import image_grid, save_png
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.diffusion.parameterization import broadcast_to_data
 from jdistill.diffusion.schedules import alpha_sigma
@@ -259,15 +260,17 @@ def train(config, workdir: str):
     def on_best(state, scalars, step, best_manager=best_manager):
       ckpt_lib.save(best_manager, step, state, {"step": step, **scalars}, force=True)
 
-    def evaluate(params, step, n_student=n_student, k=k):
+    last_eval = {}
+
+    def evaluate(params, step, n_student=n_student, k=k, last_eval=last_eval):
       result, samples = exp.evaluator.evaluate(params, n_student)
+      last_eval.update(result=result, samples=samples)
       logging.info("stage %d (%d steps) eval at step %d: FD %.4g", k, n_student, step, result["fd"])
-      from jdistill.eval.evaluate import image_grid
-      return {f"{key}": v for key, v in result.items()}, {"samples": image_grid(samples)[None]}
+      return dict(result), {"samples": image_grid(samples)[None]}
 
     logging.info("Stage %d/%d: %d -> %d steps, %d train steps -> %s", k + 1, num_stages, n_teacher,
                  n_student, train_steps[k], directory)
-    state, scalars = loop.run(
+    state, _ = loop.run(
         objective, workdir=directory, mesh=exp.mesh, train_data=exp.train_data(seed_offset=k),
         num_steps=train_steps[k], writer=exp.writer, frozen=frozen, stage=stage,
         evaluate=evaluate, compiled=compiled, seed=config.seed + k, log_every=config.train.log_every,
@@ -279,7 +282,8 @@ def train(config, workdir: str):
     best_manager.wait_until_finished()
     offset += train_steps[k]
     student = objective.eval_params(state)
-    rows.append(stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, scalars))
+    rows.append(stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms,
+                          last_eval))
     teacher = student
   write_summary(workdir, rows, time.time() - run_start, steps, exp)
   return teacher
@@ -289,18 +293,19 @@ def stage_dir(workdir, k, n_student):
   return os.path.join(workdir, "stages", f"{k}_{n_student}steps")
 
 
-def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, scalars):
-  """Stage results (cached in <stage>/result.json so a resumed run does not recompute them)."""
+def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, last_eval):
+  """Stage results (cached in <stage>/result.json so a resumed run does not recompute them);
+  `last_eval` holds the loop's end-of-stage evaluation of `student` unless the stage was already
+  trained before this invocation."""
   path = os.path.join(directory, "result.json")
   cached = ckpt_lib.read_json(path)
   if cached is not None:
     return cached
-  from jdistill.eval.evaluate import image_grid, save_png
-  student_fd = scalars.get("fd") if scalars else None
-  if student_fd is None:
-    student_fd = exp.evaluator.evaluate(student, n_student)[0]["fd"]
+  if not last_eval:
+    result, samples = exp.evaluator.evaluate(student, n_student)
+    last_eval = dict(result=result, samples=samples)
+  student_fd, student_samples = last_eval["result"]["fd"], last_eval["samples"]
   ddim_result, ddim_samples = exp.evaluator.evaluate(original_teacher, n_student)
-  _, student_samples = exp.evaluator.evaluate(student, n_student)
   save_png(image_grid(student_samples), os.path.join(directory, "student_samples.png"))
   save_png(image_grid(ddim_samples), os.path.join(directory, "ddim_teacher_samples.png"))
   ms = time_sampling(exp.sampler, student, n_student)

@@ -73,9 +73,22 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   sampler = Sampler(denoiser, schedule, train_source.data_shape, clip_x=config.diffusion.clip_x,
                     guidance=config.diffusion.guidance, batch_size=config.eval.batch_size)
+  if record_config:
+    writer.write_hparams(flat_hparams(config.to_dict()))
   fd = None
   if evaluator:
     fd = FDEvaluator(sampler, test_source, config.eval.features, config.eval.num_samples,
                      config.eval.inception_weights)
   return Experiment(config, workdir, mesh, train_source, test_source, denoiser, schedule, writer,
                     sampler, fd)
+
+
+def flat_hparams(tree, prefix=""):
+  """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; tuples become strings (TensorBoard hparams)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flat_hparams(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+  return flat

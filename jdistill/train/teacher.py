@@ -45,7 +45,6 @@ def train(config, workdir: str):
   exp = setup.build(config, workdir)
   num_steps = config.train.num_steps
   objective = objective_for(exp, num_steps)
-  exp.writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
   start = time.time()
   state, _ = loop.run(
       objective, workdir=workdir, mesh=exp.mesh, train_data=exp.train_data(), num_steps=num_steps,
