@@ -21,6 +21,8 @@ def get_config(preset: str = "digits"):
       stage_overrides="",     # e.g. "0:3000,4:4000"
       start_stage=0,
       eval_every=0,           # evaluate mid-stage too (0: only at each stage's end)
+      best_metric="fd",       # the 'best' checkpoint of each stage (lower is better)
+      validation_examples=500,  # held-out examples for the per-eval validation distillation loss
   ))
   config.train.save_every = 250
   config.train.log_every = 50

@@ -37,13 +37,24 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
       clip_x=True, guidance=0.0))
   c.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, warmup_steps=200, schedule="cosine", final_lr_fraction=0.05,
-      grad_clip=1.0, weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, ema_decay=0.9995))
+      grad_clip=1.0, weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, ema_decay=0.9995,
+      accumulate_steps=1))
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=16000, log_every=200, eval_every=4000, save_every=1000))
+      num_steps=16000, log_every=200, eval_every=4000, save_every=1000,
+      early_stopping_patience=0))
   c.eval = ml_collections.ConfigDict(dict(
       features="digits", inception_weights="", num_samples=1000, steps_during_training=(64,),
       final_steps=(256, 64, 16, 4, 2, 1), batch_size=500))
   c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+  # timestep sampler: 'uniform' or 'adaptive' (jdistill/curriculum.py)
+  c.curriculum = ml_collections.ConfigDict(dict(
+      sampler="uniform", num_regions=3, smoothing=0.9, temperature=1.0, min_weight=0.1,
+      update_every=50, importance_weighting=True))
+  # feature distillation on U-Net activations (off while both weights are 0)
+  c.features = ml_collections.ConfigDict(dict(
+      layers=("bottleneck",), weight_start=0.0, weight_end=0.0, schedule="cosine"))
+  # LoRA student (off while rank is 0)
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=4.0, targets=(".*",)))
   c.teacher = ml_collections.ConfigDict(dict(checkpoint="", sampling_steps=256))
 
   if preset == "toy2d":
@@ -96,6 +107,16 @@ def validate(config, num_devices: int):
   check(config.train.save_every >= 0, "train.save_every", "must be >= 0 (0: only at the end)")
   check(config.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
   check(config.model.name in ("unet", "mlp"), "model.name", f"unknown model {config.model.name!r}")
+  check(config.optim.accumulate_steps >= 1, "optim.accumulate_steps", "must be >= 1")
+  check(config.train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
+  check(config.curriculum.sampler in ("uniform", "adaptive"), "curriculum.sampler",
+        f"unknown {config.curriculum.sampler!r}; use uniform or adaptive")
+  check(0 <= config.curriculum.min_weight * config.curriculum.num_regions <= 1,
+        "curriculum.min_weight", "must be in [0, 1 / num_regions]")
+  check(config.curriculum.update_every >= 1, "curriculum.update_every", "must be >= 1")
+  check(config.features.schedule in ("linear", "cosine"), "features.schedule",
+        f"unknown {config.features.schedule!r}; use linear or cosine")
+  check(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0: off)")
   check(config.eval.features in ("digits", "raw", "inception"), "eval.features",
         f"unknown feature net {config.eval.features!r}")
   source = config.data.source

@@ -46,11 +46,19 @@ class Denoiser:
     unconditional = jax.tree.map(lambda a: a[z.shape[0]:], both)
     return param_lib.combine([(1.0 + guidance, conditional), (-guidance, unconditional)])
 
-  def features(self, params, z, logsnr, cond=None):
-    """The bottleneck activations (for feature distillation and GAN heads)."""
-    _, state = self.module.apply({"params": params}, z, logsnr, cond, capture_features=True,
-                                 mutable=["intermediates"])
-    return state["intermediates"]["bottleneck"][0]
+  def predict_with_features(self, params, z, logsnr, cond=None, layers=("bottleneck",), *,
+                            train: bool = False, rng: Optional[jax.Array] = None):
+    """(Prediction, [activations of `layers`]) from one forward pass. U-Net layer names:
+    'down_<level>', 'bottleneck', 'up_<level>'."""
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    output, state = self.module.apply({"params": params}, z, logsnr, cond, train=train, rngs=rngs,
+                                      capture_features=True, mutable=["intermediates"])
+    captured = state["intermediates"]
+    missing = [name for name in layers if name not in captured]
+    if missing:
+      raise ValueError(f"config.features.layers: {missing} not captured; have {sorted(captured)}")
+    prediction = param_lib.from_model_output(self.parameterization, output, z, logsnr)
+    return prediction, [captured[name][0] for name in layers]
 
 
 def make_denoiser(model_config, data_shape, parameterization: str) -> Denoiser:

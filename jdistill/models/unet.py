@@ -130,6 +130,8 @@ class UNet(nn.Module):
         if h.shape[1] in self.attention_resolutions:
           h = AttentionBlock(self.num_heads, self.norm_groups, self.dtype)(h)
         skips.append(h)
+      if capture_features:
+        self.sow("intermediates", f"down_{level}", h)
       if level != len(self.channel_mult) - 1:
         h = conv(h.shape[-1], self.dtype, stride=2)(h)
         skips.append(h)
@@ -146,6 +148,8 @@ class UNet(nn.Module):
         h = ResBlock(self.channels * mult, self.norm_groups, self.dropout, self.dtype)(h, emb, train)
         if h.shape[1] in self.attention_resolutions:
           h = AttentionBlock(self.num_heads, self.norm_groups, self.dtype)(h)
+      if capture_features:
+        self.sow("intermediates", f"up_{level}", h)
       if level != 0:
         h = conv(h.shape[-1], self.dtype)(upsample_2x(h))
     assert not skips

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jdistill import curriculum as curriculum_lib
 from jdistill.diffusion.losses import weighted_x_loss
 from jdistill.diffusion.parameterization import broadcast_to_data
 from jdistill.diffusion.schedules import alpha_sigma
@@ -43,31 +44,43 @@ class DenoisingObjective:
   min_snr_gamma: float = 5.0
   ema_decay: float = 0.999
   label_dropout: float = 0.1
+  curriculum: Any = None           # None: t ~ U(0, 1); else an AdaptiveCurriculumScheduler
 
   def init_state(self, rng, frozen=None):
     params = self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"]
-    return state_lib.create(params, self.optimizer)
+    state = state_lib.create(params, self.optimizer)
+    if self.curriculum is not None:
+      state = state.replace(curriculum=self.curriculum.init())
+    return state
 
-  def loss(self, params, batch, rng):
+  def loss(self, params, batch, rng, curriculum_state=None):
     x = batch["x"]
     rng_t, rng_eps, rng_drop, rng_dropout = jax.random.split(rng, 4)
-    t = jax.random.uniform(rng_t, (x.shape[0],))
+    if self.curriculum is None:
+      t, importance = jax.random.uniform(rng_t, (x.shape[0],)), 1.0
+    else:
+      t, importance = self.curriculum.sample(curriculum_state, rng_t, x.shape[0])
     eps = jax.random.normal(rng_eps, x.shape)
     z_t, logsnr = forward_process(x, t, eps, self.schedule)
     label = batch["label"] if self.denoiser.num_classes else None
     label = drop_labels(label, rng_drop, self.label_dropout, self.denoiser.num_classes)
     pred = self.denoiser.predict(params, z_t, logsnr, label, train=True, rng=rng_dropout)
     per_example = weighted_x_loss(pred.x0, x, logsnr, self.weighting, self.min_snr_gamma)
-    return jnp.mean(per_example)
+    return jnp.mean(importance * per_example), (t, per_example)
 
   def train_step(self, state, batch, rng, frozen, stage):
     del frozen, stage
-    loss, grads = jax.value_and_grad(self.loss)(state.params, batch, rng)
+    (loss, (t, per_example)), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        state.params, batch, rng, state.curriculum)
     lr = state_lib.learning_rate(self.optim, state.step, self.num_steps)
     new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr)
-    new_state, nonfinite = state_lib.keep_if_finite(new_state, state, loss)
-    return new_state, {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr,
-                       "nonfinite": nonfinite}
+    metrics = {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr}
+    if self.curriculum is not None:
+      new_state = new_state.replace(curriculum=self.curriculum.update(
+          state.curriculum, state.step, t, per_example))
+      metrics.update(curriculum_lib.metrics(new_state.curriculum))
+    new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)
+    return new_state, metrics
 
-  def eval_params(self, state):
+  def eval_params(self, state, frozen=None):
     return state.ema_params

@@ -21,14 +21,17 @@ import io
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
 
+from jdistill import curriculum as curriculum_lib
+from jdistill.data import pipeline
 from jdistill.diffusion import sampling
 from jdistill.eval.evaluate import image_grid, save_png
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
@@ -72,6 +75,24 @@ def sample_student_time(rng, batch, student_steps):
 
 
 @dataclasses.dataclass(frozen=True)
+class FeatureDistillation:
+  """loss += w(step) * mean_l ||f_l(student) - f_l(teacher)||^2 over U-Net activations `layers`,
+  w moving from `weight_start` to `weight_end` over the stage (`linear` or `cosine`)."""
+  layers: tuple = ("bottleneck",)
+  weight_start: float = 1.0
+  weight_end: float = 0.0
+  schedule: str = "cosine"
+
+  def weight(self, step, total):
+    progress = jnp.clip(step / jnp.maximum(total, 1).astype(jnp.float32), 0.0, 1.0)
+    if self.schedule == "linear":
+      return self.weight_start + (self.weight_end - self.weight_start) * progress
+    if self.schedule == "cosine":
+      return self.weight_end + (self.weight_start - self.weight_end) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    raise ValueError(f"config.features.schedule: unknown {self.schedule!r}; use linear or cosine")
+
+
+@dataclasses.dataclass(frozen=True)
 class ProgressiveObjective:
   denoiser: Any
   schedule: Any
@@ -80,16 +101,39 @@ class ProgressiveObjective:
   data_shape: tuple
   weighting: str = "snr_trunc"
   ema_decay: float = 0.9995
+  curriculum: Any = None          # None: i ~ U{0..N-1}; else an AdaptiveCurriculumScheduler
+  features: Optional[FeatureDistillation] = None
+  lora: Any = None                # a LoRA: only adapters train, over the frozen 'student_base'
+
+  def new_state(self, student_init, rng=None):
+    """A fresh student state: full params, or LoRA adapters over `student_init`."""
+    params = student_init
+    if self.lora is not None:
+      params = self.lora.init(jax.random.key(0) if rng is None else rng, nn.unbox(student_init))
+    state = state_lib.create(params, self.optimizer)
+    if self.curriculum is not None:
+      state = state.replace(curriculum=self.curriculum.init())
+    return state
 
   def init_state(self, rng, frozen=None):
-    params = self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"]
-    return state_lib.create(params, self.optimizer)
+    return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
 
-  def targets(self, teacher_params, batch, rng, stage):
+  def student_params(self, trainable, frozen):
+    return trainable if self.lora is None else self.lora.merge(frozen["student_base"], trainable)
+
+  def student_times(self, state, rng, batch, student_steps):
+    """(t, s, importance weight) for the student's step t -> s on its N-step grid."""
+    if self.curriculum is None:
+      t, s = sample_student_time(rng, batch, student_steps)
+      return t, s, jnp.ones((batch,))
+    u, _ = self.curriculum.sample(state.curriculum, rng, batch)
+    i = jnp.minimum(jnp.floor(u * student_steps), student_steps - 1)
+    n = student_steps.astype(jnp.float32)
+    return (i + 1) / n, i / n, self.curriculum.discrete_weight(state.curriculum, i, student_steps)
+
+  def targets(self, teacher_params, batch, rng_eps, t, s, stage):
     """(z_t, logsnr_t, x_target, label) for one batch; no gradient flows into the teacher."""
     x = batch["x"]
-    rng_t, rng_eps = jax.random.split(rng)
-    t, s = sample_student_time(rng_t, x.shape[0], stage["student_steps"])
     eps = jax.random.normal(rng_eps, x.shape)
     z_t, logsnr_t = forward_process(x, t, eps, self.schedule)
     label = batch["label"] if self.denoiser.num_classes else None
@@ -100,24 +144,58 @@ class ProgressiveObjective:
 
   def train_step(self, state, batch, rng, frozen, stage):
     rng_target, rng_dropout = jax.random.split(rng)
-    z_t, logsnr_t, x_target, label = self.targets(frozen["teacher"], batch, rng_target, stage)
+    rng_t, rng_eps = jax.random.split(rng_target)
+    t, s, importance = self.student_times(state, rng_t, batch["x"].shape[0], stage["student_steps"])
+    z_t, logsnr_t, x_target, label = self.targets(frozen["teacher"], batch, rng_eps, t, s, stage)
+    if self.features is not None:
+      _, teacher_features = self.denoiser.predict_with_features(
+          frozen["teacher"], z_t, logsnr_t, label, self.features.layers)
+      feature_weight = self.features.weight(state.step, stage["num_steps"])
 
-    def loss_fn(params):
-      pred = self.denoiser.predict(params, z_t, logsnr_t, label, train=True, rng=rng_dropout)
-      loss = jnp.mean(weighted_x_loss(pred.x0, x_target, logsnr_t, self.weighting))
-      return loss, pred.x0
+    def loss_fn(trainable):
+      params = self.student_params(trainable, frozen)
+      if self.features is None:
+        pred = self.denoiser.predict(params, z_t, logsnr_t, label, train=True, rng=rng_dropout)
+        feature_loss = jnp.zeros(())
+      else:
+        pred, student_features = self.denoiser.predict_with_features(
+            params, z_t, logsnr_t, label, self.features.layers, train=True, rng=rng_dropout)
+        feature_loss = sum(jnp.mean(jnp.square(a - jax.lax.stop_gradient(b)))
+                           for a, b in zip(student_features, teacher_features)) / len(student_features)
+      per_example = weighted_x_loss(pred.x0, x_target, logsnr_t, self.weighting)
+      loss = jnp.mean(importance * per_example)
+      if self.features is not None:
+        loss = loss + feature_weight * feature_loss
+      return loss, (pred.x0, per_example, feature_loss)
 
-    (loss, x_hat), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (x_hat, per_example, feature_loss)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     lr = state_lib.learning_rate(self.optim, state.step, stage["num_steps"])
     new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr)
-    new_state, nonfinite = state_lib.keep_if_finite(new_state, state, loss)
-    return new_state, {
-        "distill_loss": loss,
+    metrics = {
+        "distill_loss": jnp.mean(per_example),
         "reconstruction_mse": jnp.mean(per_example_mse(x_hat, batch["x"])),  # diagnostic: vs data x
-        "grad_norm": state_lib.global_norm(grads), "lr": lr, "nonfinite": nonfinite}
+        "grad_norm": state_lib.global_norm(grads), "lr": lr}
+    if self.features is not None:
+      metrics.update(feature_loss=feature_loss, feature_weight=feature_weight)
+    if self.curriculum is not None:
+      position = s + 0.5 / stage["student_steps"]          # the middle of the student's step
+      new_state = new_state.replace(curriculum=self.curriculum.update(
+          state.curriculum, state.step, position, per_example))
+      metrics.update(curriculum_lib.metrics(new_state.curriculum))
+    new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)
+    return new_state, metrics
 
-  def eval_params(self, state):
-    return state.ema_params
+  def validation_loss(self, params, teacher_params, batch, rng, stage):
+    """Mean distillation loss of `params` with uniform student times (comparable across samplers)."""
+    rng_t, rng_eps = jax.random.split(rng)
+    t, s = sample_student_time(rng_t, batch["x"].shape[0], stage["student_steps"])
+    z_t, logsnr_t, x_target, label = self.targets(teacher_params, batch, rng_eps, t, s, stage)
+    pred = self.denoiser.predict(params, z_t, logsnr_t, label)
+    return jnp.mean(weighted_x_loss(pred.x0, x_target, logsnr_t, self.weighting))
+
+  def eval_params(self, state, frozen=None):
+    return self.student_params(state.ema_params, frozen)
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -230,12 +308,15 @@ def train(config, workdir: str):
                " -> ".join(map(str, steps)), "two-step" if p.two_step else "direct",
                train_steps, "2-step" if p.two_step else "direct")
 
-  objective = ProgressiveObjective(exp.denoiser, exp.schedule, exp.optimizer(), config.optim,
-                                   exp.data_shape, p.loss_weighting, config.optim.ema_decay)
+  objective = make_objective(exp)
   param_shardings = exp.param_shardings()
-  compiled = loop.compile_step(objective, exp.mesh, frozen_shardings={"teacher": param_shardings})
-  make_state = jax.jit(lambda params: state_lib.create(params, objective.optimizer),
-                       out_shardings=compiled.state_shardings)
+  frozen_shardings = {"teacher": param_shardings}
+  if objective.lora is not None:
+    frozen_shardings["student_base"] = param_shardings
+  compiled = loop.compile_step(objective, exp.mesh, frozen_shardings=frozen_shardings)
+  make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
+  validation_batch = pipeline.all_examples(exp.test_source, p.validation_examples)
+  validation_loss = jax.jit(objective.validation_loss)
 
   teacher_ms = time_sampling(exp.sampler, original_teacher, steps[0])
   teacher_fd = exp.evaluator.evaluate(original_teacher, steps[0])[0]["fd"]
@@ -255,6 +336,8 @@ def train(config, workdir: str):
     stage = {"student_steps": jnp.int32(n_student), "num_steps": jnp.int32(train_steps[k]),
              "teacher_substeps": jnp.int32(2 if p.two_step else steps[0] // n_student)}
     frozen = {"teacher": teacher if p.two_step else original_teacher}
+    if objective.lora is not None:
+      frozen["student_base"] = teacher
     best_manager = ckpt_lib.manager(os.path.join(directory, "best"), max_to_keep=1)
 
     def on_best(state, scalars, step, best_manager=best_manager):
@@ -262,11 +345,17 @@ def train(config, workdir: str):
 
     last_eval = {}
 
-    def evaluate(params, step, n_student=n_student, k=k, last_eval=last_eval):
+    def evaluate(params, step, n_student=n_student, k=k, last_eval=last_eval, frozen=frozen,
+                 stage=stage):
       result, samples = exp.evaluator.evaluate(params, n_student)
       last_eval.update(result=result, samples=samples)
-      logging.info("stage %d (%d steps) eval at step %d: FD %.4g", k, n_student, step, result["fd"])
-      return dict(result), {"samples": image_grid(samples)[None]}
+      scalars = dict(result)
+      if p.validation_examples:
+        scalars["val_loss"] = float(validation_loss(params, frozen["teacher"], validation_batch,
+                                                    jax.random.key(k), stage))
+      logging.info("stage %d (%d steps) eval at step %d: %s", k, n_student, step,
+                   "  ".join(f"{key}={v:.4g}" for key, v in scalars.items()))
+      return scalars, {"samples": image_grid(samples)[None]}
 
     logging.info("Stage %d/%d: %d -> %d steps, %d train steps -> %s", k + 1, num_stages, n_teacher,
                  n_student, train_steps[k], directory)
@@ -276,17 +365,31 @@ def train(config, workdir: str):
         evaluate=evaluate, compiled=compiled, seed=config.seed + k, log_every=config.train.log_every,
         eval_every=p.eval_every, save_every=config.train.save_every,
         metric_prefix=f"stage{k}_{n_student}steps/", global_step_offset=offset,
-        on_best=on_best, best_metric="fd",
+        on_best=on_best, best_metric=p.best_metric,
+        early_stopping_patience=config.train.early_stopping_patience,
         initial_state=lambda: make_state(teacher), meta={"stage": k, "student_steps": n_student,
                                                          "teacher_steps": n_teacher})
     best_manager.wait_until_finished()
     offset += train_steps[k]
-    student = objective.eval_params(state)
+    student = objective.eval_params(state, frozen)
     rows.append(stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms,
                           last_eval))
     teacher = student
   write_summary(workdir, rows, time.time() - run_start, steps, exp)
   return teacher
+
+
+def make_objective(exp):
+  from jdistill.models.lora import make_lora
+  c, p = exp.config, exp.config.progressive
+  features = None
+  if c.features.weight_start or c.features.weight_end:
+    features = FeatureDistillation(tuple(c.features.layers), c.features.weight_start,
+                                   c.features.weight_end, c.features.schedule)
+  return ProgressiveObjective(exp.denoiser, exp.schedule, exp.optimizer(), c.optim, exp.data_shape,
+                              p.loss_weighting, c.optim.ema_decay,
+                              curriculum=curriculum_lib.make_scheduler(c), features=features,
+                              lora=make_lora(c))
 
 
 def stage_dir(workdir, k, n_student):

@@ -59,26 +59,31 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
         frozen=None, stage=None, evaluate: Optional[Callable] = None, compiled: CompiledStep = None,
         seed: int = 0, log_every: int = 100, eval_every: int = 0, save_every: int = 1000,
         metric_prefix: str = "", global_step_offset: int = 0, on_best=None, best_metric=None,
-        meta: Optional[dict] = None, initial_state: Optional[Callable] = None):
+        meta: Optional[dict] = None, initial_state: Optional[Callable] = None,
+        early_stopping_patience: int = 0):
   """Trains `num_steps` steps, checkpointing under `workdir`; resumes from its latest checkpoint.
 
   `evaluate(params, step) -> (scalars, images)` runs every `eval_every` steps and at the end.
   `best_metric` names an eval scalar (lower is better); `on_best(state, scalars, step)` is called
   when it improves. Metrics are written at `global_step_offset + step` with `metric_prefix`.
   `initial_state()` (already sharded) replaces `objective.init_state` for a fresh run (a student
-  initialised from its teacher). Returns (state, last_eval_scalars).
+  initialised from its teacher). With `early_stopping_patience` > 0 the run ends after that many
+  evaluations without a better `best_metric` (the best checkpoint is kept by `on_best`).
+  Returns (state, last_eval_scalars).
   """
   compiled = compiled or compile_step(objective, mesh)
   manager = ckpt_lib.manager(f"{workdir}/checkpoints")
   batch_sharding = partitioning.batch_sharding(mesh)
   start = 0
   iterator_state = None
-  best = np.inf
+  best, evals_since_best = np.inf, 0
   if manager.latest_step() is not None:
     state, saved = ckpt_lib.restore(manager, compiled.abstract_state)
     start, iterator_state = saved["step"], saved["data_iterator"]
-    best = saved.get("best", np.inf)
-    logging.info("Resumed from %s/checkpoints at step %d.", workdir, start)
+    best, evals_since_best = saved.get("best", np.inf), saved.get("evals_since_best", 0)
+    if saved.get("stopped_early"):
+      start = num_steps
+    logging.info("Resumed from %s/checkpoints at step %d.", workdir, saved["step"])
   elif initial_state is not None:
     state = initial_state()
   else:
@@ -88,8 +93,9 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
   frozen = {} if frozen is None else frozen
   stage = {} if stage is None else stage
 
-  def checkpoint(step, force=False):
-    saved_meta = dict(meta or {}, step=step, data_iterator=iterator.get_state(), best=float(best))
+  def checkpoint(step, force=False, stopped_early=False):
+    saved_meta = dict(meta or {}, step=step, data_iterator=iterator.get_state(), best=float(best),
+                      evals_since_best=evals_since_best, stopped_early=stopped_early)
     ckpt_lib.save(manager, step, state, saved_meta, force=force)
 
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -114,17 +120,25 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
     if save_every and done % save_every == 0 and done != num_steps:
       checkpoint(done)
     if evaluate is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
-      scalars, images = evaluate(objective.eval_params(state), done)
+      scalars, images = evaluate(objective.eval_params(state, frozen), done)
       last_eval = scalars
       writer.write_scalars(global_step_offset + done, {metric_prefix + k: v for k, v in scalars.items()})
       if images:
         writer.write_images(global_step_offset + done, {metric_prefix + k: v for k, v in images.items()})
       if best_metric and scalars.get(best_metric, np.inf) < best:
-        best = scalars[best_metric]
+        best, evals_since_best = scalars[best_metric], 0
         if on_best is not None:
           on_best(state, scalars, done)
-  if start < num_steps:
-    checkpoint(num_steps, force=True)
+      else:
+        evals_since_best += 1
+      if early_stopping_patience and evals_since_best >= early_stopping_patience and done < num_steps:
+        logging.info("%sEarly stop at step %d: %s did not improve on %.4g in %d evaluations.",
+                     metric_prefix, done, best_metric, best, evals_since_best)
+        checkpoint(done, force=True, stopped_early=True)
+        break
+  else:
+    if start < num_steps:
+      checkpoint(num_steps, force=True)
   manager.wait_until_finished()
   writer.flush()
   return state, last_eval

@@ -15,6 +15,7 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+  curriculum: Any = None        # a CurriculumState when an adaptive timestep sampler is on
 
 
 def learning_rate(optim, step, total_steps):
@@ -49,7 +50,10 @@ def make_optimizer(optim) -> optax.GradientTransformation:
   parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps))
   if optim.name == "adamw" and optim.weight_decay > 0:
     parts.append(optax.add_decayed_weights(optim.weight_decay))
-  return optax.chain(*parts)
+  direction = optax.chain(*parts)
+  if optim.get("accumulate_steps", 1) > 1:     # gradient accumulation: one update per k micro-batches
+    return optax.MultiSteps(direction, every_k_schedule=optim.accumulate_steps)
+  return direction
 
 
 def create(params, optimizer) -> TrainState:
@@ -61,6 +65,8 @@ def apply_gradients(state: TrainState, grads, optimizer, ema_decay, lr) -> Train
   """params <- params - lr * direction, then EMA: ema <- decay * ema + (1 - decay) * params."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+  if isinstance(optimizer, optax.MultiSteps):   # the EMA moves only when the params do
+    ema_decay = jnp.where(optimizer.has_updated(opt_state), ema_decay, 1.0)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
 

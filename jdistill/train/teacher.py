@@ -11,6 +11,7 @@ from absl import logging
 from etils import epath
 from flax import serialization
 
+from jdistill import curriculum as curriculum_lib
 from jdistill.eval import evaluate as eval_lib
 from jdistill.objectives.denoising import DenoisingObjective
 from jdistill.train import checkpoint as ckpt_lib
@@ -24,7 +25,7 @@ def objective_for(exp, num_steps):
       num_steps=num_steps,
       data_shape=exp.data_shape, weighting=c.diffusion.loss_weighting,
       min_snr_gamma=c.diffusion.min_snr_gamma, ema_decay=c.optim.ema_decay,
-      label_dropout=c.diffusion.label_dropout)
+      label_dropout=c.diffusion.label_dropout, curriculum=curriculum_lib.make_scheduler(c))
 
 
 def fd_callback(exp, steps_list, prefix=""):
@@ -52,7 +53,7 @@ def train(config, workdir: str):
       seed=config.seed, log_every=config.train.log_every, eval_every=config.train.eval_every,
       save_every=config.train.save_every, meta={"method": "teacher", "config": config.to_json()})
   train_seconds = time.time() - start
-  params = objective.eval_params(state)
+  params = objective.eval_params(state, None)
   export(params, config, workdir)
   rows = fd_table(exp, params, config.eval.final_steps)
   write_summary(workdir, rows, train_seconds, exp)
@@ -78,11 +79,13 @@ def write_summary(workdir, rows, train_seconds, exp):
            f"training wall time: {train_seconds / 60:.1f} min, {exp.config.train.num_steps} steps", "",
            f"real-data floor (train split vs held-out, {exp.config.eval.num_samples} vs "
            f"{len(exp.test_source.records)}): FD {floor['fd']:.4g}", "",
-           "| DDIM steps | FD | " + " | ".join(k for k in rows[0] if k not in ("steps", "fd", "seconds")) + " |",
-           "|---|---|" + "---|" * (len(rows[0]) - 3)]
+           ]
+  extras = [k for k in rows[0] if k not in ("steps", "fd", "seconds")]
+  lines += ["| DDIM steps | FD | " + "".join(f"{k} | " for k in extras) + "seconds |",
+            "|---|---|" + "---|" * len(extras) + "---|"]
   for r in rows:
-    extra = [f"{v:.4g}" for k, v in r.items() if k not in ("steps", "fd", "seconds")]
-    lines.append(f"| {r['steps']} | {r['fd']:.4g} | " + " | ".join(extra) + (" |" if extra else ""))
+    lines.append(f"| {r['steps']} | {r['fd']:.4g} | " + "".join(f"{r[k]:.4g} | " for k in extras)
+                 + f"{r['seconds']:.1f} |")
   text = "\n".join(lines) + "\n"
   ckpt_lib.write_text(os.path.join(workdir, "summary.md"), text)
   logging.info("\n%s", text)
