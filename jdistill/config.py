@@ -117,6 +117,33 @@ def progressive_config(preset: str = "digits") -> ml_collections.ConfigDict:
   return config
 
 
+def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
+  """Defaults of DMD2 / TDM (configs/dmd.py, configs/tdm.py)."""
+  config = base_config(preset)
+  config.method = "dmd"
+  tdm = variant == "tdm"
+  config.dmd = ml_collections.ConfigDict(dict(
+      variant=variant,
+      generator_steps=4 if tdm else 1,
+      critic_updates_per_generator=1 if tdm else 5,   # two time-scales for DMD2; 1:1 for TDM
+      t_min=0.02, t_max=0.98,
+      critic_lr=1e-4,
+      critic_weighting="v_mse",
+      regression_weight=0.0, regression_steps=32,     # DMD1 regression to teacher ODE samples
+      gan_weight=0.0,                                  # GAN head on the critic's bottleneck
+      huber_c=0.03,                                    # TDM pseudo-Huber constant
+      remat=False,                                     # rematerialise the denoiser passes
+      eval_steps=(1, 2, 4),
+  ))
+  config.optim.update(lr=1e-4, warmup_steps=0, schedule="constant", ema_decay=0.99, b1=0.0, b2=0.99)
+  config.teacher.sampling_steps = 64
+  config.train.update(num_steps=2500 if not tdm else 1500, log_every=50, eval_every=500,
+                      save_every=250)
+  if preset == "toy2d":
+    config.train.update(num_steps=3000, eval_every=1000)
+  return config
+
+
 def validate(config, num_devices: int):
   """Fails fast, naming the field, before any compute."""
   def check(ok, field, message):

@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 METHODS = {
     "teacher": "jdistill.train.teacher",
     "progressive": "jdistill.objectives.progressive",
+    "dmd": "jdistill.objectives.distribution_matching",
 }
 
 

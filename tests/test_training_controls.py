@@ -14,6 +14,7 @@ from jdistill.models.lora import LoRA
 from jdistill.objectives import progressive
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup, state as state_lib
+from jdistill.train import teacher as teacher_lib
 from jdistill.train.teacher import objective_for
 
 from test_progressive import _progressive_config, _run, toy_teacher  # noqa: F401 - fixture
@@ -60,7 +61,7 @@ def test_lora_student_trains_only_adapters_and_keeps_the_base_bit_identical(toy_
   config.progressive.update(steps="4,2", steps_per_stage=30)
   config.lora.update(rank=2, alpha=2.0, targets=(r".*Dense_[12]/kernel",))
   exp = setup.build(config, str(tmp_path), evaluator=False)
-  teacher = progressive.load_teacher(exp)
+  teacher = teacher_lib.load_teacher(exp)
   teacher_copy = jax.tree.map(np.array, jax.device_get(teacher))
   objective = progressive.make_objective(exp)
   compiled = loop.compile_step(objective, exp.mesh)

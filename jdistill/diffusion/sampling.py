@@ -38,14 +38,29 @@ def ancestral_step(pred: Prediction, z_t, logsnr_t, logsnr_s, noise):
   return mean + std * noise
 
 
+MODES = ("ddim", "ancestral", "renoise")
+
+
+def renoise_step(pred: Prediction, logsnr_s, noise):
+  """Few-step generators (DMD2, consistency-style): z_s = alpha_s x_hat + sigma_s * fresh noise."""
+  alpha_s, sigma_s = alpha_sigma(broadcast_to_data(logsnr_s, pred.x0))
+  return alpha_s * pred.x0 + sigma_s * noise
+
+
 def sample(predict_fn: PredictFn, schedule, noise, num_steps, *, clip_x: bool = True,
-           rng: Optional[jax.Array] = None):
+           rng: Optional[jax.Array] = None, mode: Optional[str] = None):
   """Integrates from z_1 = noise to x in `num_steps` steps.
 
   `num_steps` may be a traced int: the loop is a `lax.fori_loop` with a dynamic trip count, so
-  one compilation serves every step count. DDIM when `rng` is None, ancestral otherwise. The last
-  step returns the x prediction itself (at s = 0, z_s = x_hat).
+  one compilation serves every step count. `mode`: 'ddim' (deterministic; the default without
+  `rng`), 'ancestral' (DDPM; the default with `rng`) or 'renoise' (x_hat re-noised with fresh
+  noise). The last step returns the x prediction itself (at s = 0, z_s = x_hat).
   """
+  mode = mode or ("ddim" if rng is None else "ancestral")
+  if mode not in MODES:
+    raise ValueError(f"sampling mode: unknown {mode!r}; choose one of {MODES}")
+  if mode != "ddim" and rng is None:
+    raise ValueError(f"sampling mode {mode!r} needs an rng")
   num_steps = jnp.asarray(num_steps, jnp.int32)
   batch = noise.shape[0]
 
@@ -57,11 +72,14 @@ def sample(predict_fn: PredictFn, schedule, noise, num_steps, *, clip_x: bool = 
     pred = predict_fn(z, logsnr_t)
     if clip_x:
       pred = clip_x0(pred, z, logsnr_t)
-    if rng is None:
+    if mode == "ddim":
       z_next = ddim_step(pred, logsnr_s)
     else:
       step_noise = jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
-      z_next = ancestral_step(pred, z, logsnr_t, logsnr_s, step_noise)
+      if mode == "ancestral":
+        z_next = ancestral_step(pred, z, logsnr_t, logsnr_s, step_noise)
+      else:
+        z_next = renoise_step(pred, logsnr_s, step_noise)
     return jnp.where(i == num_steps - 1, pred.x0, z_next)
 
   return jax.lax.fori_loop(0, num_steps, body, noise)

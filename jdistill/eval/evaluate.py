@@ -17,15 +17,17 @@ from jdistill.eval import frechet
 class Sampler:
   """Draws samples from a denoiser with N-step DDIM (or ancestral), N traced: one compilation."""
 
-  def __init__(self, denoiser, schedule, data_shape, *, clip_x=True, guidance=0.0, batch_size=500):
+  def __init__(self, denoiser, schedule, data_shape, *, clip_x=True, guidance=0.0, batch_size=500,
+               mode="ddim"):
     self.denoiser, self.schedule, self.data_shape = denoiser, schedule, tuple(data_shape)
-    self.clip_x, self.guidance, self.batch_size = clip_x, guidance, batch_size
+    self.clip_x, self.guidance, self.batch_size, self.mode = clip_x, guidance, batch_size, mode
 
   @functools.partial(jax.jit, static_argnums=(0, 5))
   def _sample_batch(self, params, noise, label, num_steps, ancestral, rng):
     predict = lambda z, logsnr: self.denoiser.predict_guided(params, z, logsnr, label, self.guidance)
+    mode = "ancestral" if ancestral else self.mode
     return sampling.sample(predict, self.schedule, noise, num_steps, clip_x=self.clip_x,
-                           rng=rng if ancestral else None)
+                           rng=None if mode == "ddim" else rng, mode=mode)
 
   def sample(self, params, num_steps: int, num_samples: int, seed: int = 0, ancestral=False,
              labels: Optional[np.ndarray] = None):

@@ -40,6 +40,7 @@ from jdistill.diffusion.schedules import alpha_sigma
 from jdistill.objectives.denoising import forward_process
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup
+from jdistill.train import teacher as teacher_lib
 from jdistill.train import state as state_lib
 
 
@@ -259,32 +260,7 @@ def stage_train_steps(config, num_stages: int, train_size: int):
 
 # ----------------------------------------------------------------------------- the driver
 
-def load_teacher(exp):
-  """The teacher's EMA params: config.teacher.checkpoint (an Orbax run dir or a .msgpack), else
-  the bundled digits teacher, else (digits preset) a teacher trained now with configs/teacher.py."""
-  from jdistill.train import teacher as teacher_lib
-  c = exp.config
-  abstract = exp.abstract_params()
-  path = c.teacher.checkpoint
-  if path:
-    if path.endswith(".msgpack"):
-      logging.info("Teacher: %s", path)
-      return teacher_lib.load_exported(path, abstract)
-    logging.info("Teacher: EMA params of the Orbax checkpoint in %s", path)
-    run_checkpoints = os.path.join(path, "checkpoints")
-    return ckpt_lib.restore_params(
-        run_checkpoints if epath.Path(run_checkpoints).is_dir() else path, abstract)
-  bundled = teacher_lib.bundled_teacher_path(c)
-  if bundled:
-    logging.info("Teacher: the bundled digits teacher %s (reproduce with "
-                 "`python -m jdistill.main --config=configs/teacher.py --workdir=runs/teacher`)", bundled)
-    return teacher_lib.load_exported(bundled, abstract)
-  raise ckpt_lib.CheckpointError(
-      "no teacher: set config.teacher.checkpoint to a teacher run directory or .msgpack "
-      "(train one with `python -m jdistill.main --config=configs/teacher.py:<preset> --workdir=...`)")
-
-
-def time_sampling(sampler, params, num_steps, num_samples=500, repeats=3):
+def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2):
   """Median milliseconds per sample of `num_steps`-step sampling (after a warm-up call)."""
   sampler.sample(params, num_steps, num_samples)
   times = []
@@ -298,7 +274,7 @@ def time_sampling(sampler, params, num_steps, num_samples=500, repeats=3):
 def train(config, workdir: str):
   exp = setup.build(config, workdir)
   p = config.progressive
-  original_teacher = load_teacher(exp)
+  original_teacher = teacher_lib.load_teacher(exp)
   steps = step_schedule(config, config.teacher.sampling_steps)
   num_stages = len(steps) - 1
   train_steps = stage_train_steps(config, num_stages, len(exp.train_source.records))

@@ -56,15 +56,17 @@ def make_optimizer(optim) -> optax.GradientTransformation:
   return direction
 
 
-def create(params, optimizer) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=optimizer.init(params))
+def create(params, optimizer, ema: bool = True) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=params if ema else None, opt_state=optimizer.init(params))
 
 
 def apply_gradients(state: TrainState, grads, optimizer, ema_decay, lr) -> TrainState:
   """params <- params - lr * direction, then EMA: ema <- decay * ema + (1 - decay) * params."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+  if state.ema_params is None:                  # a network kept without EMA (a critic)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   if isinstance(optimizer, optax.MultiSteps):   # the EMA moves only when the params do
     ema_decay = jnp.where(optimizer.has_updated(opt_state), ema_decay, 1.0)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)

@@ -126,6 +126,30 @@ def load_exported(path, abstract_params):
   return place_like(params, abstract_params, f"teacher {path}")
 
 
+def load_teacher(exp):
+  """The teacher's EMA params: config.teacher.checkpoint (an Orbax run dir or a .msgpack), else
+  the bundled digits teacher (digits data only); otherwise a clear error saying how to train one."""
+  c = exp.config
+  abstract = exp.abstract_params()
+  path = c.teacher.checkpoint
+  if path:
+    if path.endswith(".msgpack"):
+      logging.info("Teacher: %s", path)
+      return load_exported(path, abstract)
+    logging.info("Teacher: EMA params of the Orbax checkpoint in %s", path)
+    run_checkpoints = os.path.join(path, "checkpoints")
+    return ckpt_lib.restore_params(
+        run_checkpoints if epath.Path(run_checkpoints).is_dir() else path, abstract)
+  bundled = bundled_teacher_path(c)
+  if bundled:
+    logging.info("Teacher: the bundled digits teacher %s (reproduce with "
+                 "`python -m jdistill.main --config=configs/teacher.py --workdir=runs/teacher`)", bundled)
+    return load_exported(bundled, abstract)
+  raise ckpt_lib.CheckpointError(
+      "no teacher: set config.teacher.checkpoint to a teacher run directory or .msgpack "
+      "(train one with `python -m jdistill.main --config=configs/teacher.py:<preset> --workdir=...`)")
+
+
 def export(params, config, workdir):
   """Writes the EMA params (msgpack) and the model/diffusion config they need (JSON)."""
   if jax.process_index() != 0:

@@ -1,0 +1,7 @@
+"""TDM (Luo et al. 2025): a 4-step generator trained by trajectory distribution matching.
+`--config=configs/tdm.py[:preset]`."""
+from jdistill.config import distribution_matching_config
+
+
+def get_config(preset: str = "digits"):
+  return distribution_matching_config(preset, "tdm")

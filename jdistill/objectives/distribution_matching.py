@@ -1,0 +1,309 @@
+"""Distribution matching distillation: DMD2 (Yin et al. 2024) and TDM (Luo et al. 2025).
+
+Three networks: the generator G (the few-step student, initialised from the teacher), the frozen
+teacher (the real score) and a fake-score critic (initialised from the teacher, trained to denoise
+G's current samples). Two optimizers; the critic takes `critic_updates_per_generator` steps per
+generator step (two time-scales).
+
+A K-step generator maps z at t_k = (K - k) / K to x. Backward simulation: k_i ~ U{0..K-1} per
+example and z_{t_k} comes from k generator steps run without gradient (DMD2 re-noises each x_hat
+with fresh noise; TDM follows its own deterministic DDIM trajectory). Only the last step trains.
+
+DMD2 generator step, x = G(z_{t_k}):
+  t ~ U[t_min, t_max],  z_t = alpha_t x + sigma_t eps,
+  x_real = teacher(z_t) (classifier-free guided if conditional),  x_fake = critic(z_t),
+  p_real = x - x_real,  p_fake = x - x_fake,  grad = (p_real - p_fake) / mean|p_real|  (per example),
+  loss = 0.5 ||x - sg(x - grad)||^2   (its gradient w.r.t. x is `grad`)
+  [+ regression to the teacher's ODE sample from the same noise (DMD1)]
+  [+ non-saturating GAN loss from a head on the critic's bottleneck features]
+TDM generator step, x_s = G(z_{t_k}):
+  target = sg(x_s + (x_real - x_fake)),  loss = pseudo_huber(x_s - target) / sg(mean|x_s - x_real|).
+Critic step: a denoising loss on sg(G samples): DMD2 with the teacher's weighting, TDM with
+  x0-MSE weighted by min(SNR, 5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jdistill.diffusion.losses import per_example_mse, weighted_x_loss, x_mse_weight
+from jdistill.diffusion.parameterization import broadcast_to_data
+from jdistill.diffusion.sampling import ddim_step, renoise_step, sample
+from jdistill.objectives.denoising import forward_process
+from jdistill.train import state as state_lib
+from jdistill.train.state import TrainState
+
+VARIANTS = ("dmd2", "tdm")
+
+
+@flax.struct.dataclass
+class DistributionMatchingState:
+  step: jnp.ndarray            # train_step calls (critic updates)
+  generator: TrainState
+  critic: TrainState           # params {'score': denoiser params, 'gan_head': {'w', 'b'} or {}}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributionMatchingObjective:
+  denoiser: Any
+  schedule: Any
+  generator_optimizer: Any
+  critic_optimizer: Any
+  generator_optim: Any             # config.optim (lr schedule of the generator)
+  critic_optim: Any                # config.optim with config.dmd.critic_lr
+  data_shape: tuple
+  num_steps: int                   # train_step calls in the run (for the lr schedules)
+  variant: str = "dmd2"
+  generator_steps: int = 1         # K
+  critic_updates_per_generator: int = 5
+  t_min: float = 0.02
+  t_max: float = 0.98
+  guidance: float = 0.0
+  critic_weighting: str = "v_mse"
+  regression_weight: float = 0.0   # DMD1 regression to teacher ODE samples
+  regression_steps: int = 32
+  gan_weight: float = 0.0
+  huber_c: float = 0.03
+  ema_decay: float = 0.999
+  remat: bool = False
+
+  # ---------------------------------------------------------------- state
+  def new_state(self, teacher_params, rng=None) -> DistributionMatchingState:
+    rng = jax.random.key(0) if rng is None else rng
+    gan_head = {}
+    if self.gan_weight > 0:
+      channels = self.bottleneck_channels(teacher_params)
+      gan_head = {"w": 0.01 * jax.random.normal(rng, (channels, 1)), "b": jnp.zeros((1,))}
+    return DistributionMatchingState(
+        step=jnp.zeros((), jnp.int32),
+        generator=state_lib.create(teacher_params, self.generator_optimizer),
+        critic=state_lib.create({"score": teacher_params, "gan_head": gan_head},
+                                self.critic_optimizer, ema=False))
+
+  def init_state(self, rng, frozen=None):
+    return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"], rng)
+
+  def eval_params(self, state, frozen=None):
+    return state.generator.ema_params
+
+  def bottleneck_channels(self, params):
+    z = jnp.zeros((1, *self.data_shape))
+    _, (features,) = jax.eval_shape(
+        lambda p: self.denoiser.predict_with_features(p, z, jnp.zeros((1,))), params)
+    return features.shape[-1]
+
+  # ---------------------------------------------------------------- the networks
+  def _predict(self, params, z, t, label, guidance=0.0):
+    logsnr = self.schedule(t)
+    if guidance:
+      return self.denoiser.predict_guided(params, z, logsnr, label, guidance)
+    fn = jax.checkpoint(self.denoiser.predict) if self.remat else self.denoiser.predict
+    return fn(params, z, logsnr, label)
+
+  def rollout(self, params, noise, label, rng):
+    """(z_{t_k}, t_k) per example, k ~ U{0..K-1}, from k generator steps without gradient."""
+    k_steps = self.generator_steps
+    batch = noise.shape[0]
+    rng_k, rng_noise = jax.random.split(rng)
+    k = jax.random.randint(rng_k, (batch,), 0, k_steps)
+    params = jax.lax.stop_gradient(params)
+    z, z_k = noise, noise
+    for j in range(k_steps - 1):
+      t_j = jnp.full((batch,), (k_steps - j) / k_steps)
+      s_j = jnp.full((batch,), (k_steps - j - 1) / k_steps)
+      pred = self._predict(params, z, t_j, label)
+      if self.variant == "dmd2":
+        z = renoise_step(pred, self.schedule(s_j), jax.random.normal(jax.random.fold_in(rng_noise, j), z.shape))
+      else:
+        z = ddim_step(pred, self.schedule(s_j))
+      z_k = jnp.where(broadcast_to_data(k == j + 1, z), z, z_k)
+    return jax.lax.stop_gradient(z_k), (k_steps - k).astype(jnp.float32) / k_steps
+
+  def generate(self, params, z_k, t_k, label):
+    return self._predict(params, z_k, t_k, label).x0
+
+  def gan_logit(self, critic_params, z_t, t, label):
+    _, (features,) = self.denoiser.predict_with_features(critic_params["score"], z_t, self.schedule(t), label)
+    pooled = jnp.mean(features, axis=tuple(range(1, features.ndim - 1)))
+    return (pooled @ critic_params["gan_head"]["w"] + critic_params["gan_head"]["b"])[:, 0]
+
+  def _noise(self, x, rng, low, high):
+    rng_t, rng_eps = jax.random.split(rng)
+    t = jax.random.uniform(rng_t, (x.shape[0],), minval=low, maxval=high)
+    z_t, logsnr = forward_process(x, t, jax.random.normal(rng_eps, x.shape), self.schedule)
+    return z_t, t, logsnr
+
+  # ---------------------------------------------------------------- losses
+  def critic_loss(self, critic_params, x_generated, x_data, label, rng):
+    rng_noise, rng_gan = jax.random.split(rng)
+    z_t, t, logsnr = self._noise(x_generated, rng_noise, 0.0, 1.0)
+    pred = self._predict(critic_params["score"], z_t, t, label)
+    if self.variant == "dmd2":
+      per_example = weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting)
+    else:     # TDM: x0-MSE with min(SNR, 5); t is uniform, so the importance weight is 1
+      per_example = x_mse_weight("min_snr", logsnr, 5.0) * per_example_mse(pred.x0, x_generated)
+    loss = jnp.mean(per_example)
+    metrics = {"critic_denoising_loss": loss}
+    if self.gan_weight > 0:
+      z_fake, t_gan, _ = self._noise(x_generated, rng_gan, self.t_min, self.t_max)
+      z_real, _, _ = self._noise(x_data, rng_gan, self.t_min, self.t_max)
+      gan = jnp.mean(jax.nn.softplus(-self.gan_logit(critic_params, z_real, t_gan, label)) +
+                     jax.nn.softplus(self.gan_logit(critic_params, z_fake, t_gan, label)))
+      loss = loss + self.gan_weight * gan
+      metrics["critic_gan_loss"] = gan
+    return loss, metrics
+
+  def generator_loss(self, params, critic_params, teacher_params, z_k, t_k, noise, label, rng):
+    rng_noise, rng_gan = jax.random.split(rng)
+    x = self.generate(params, z_k, t_k, label)
+    z_t, t, _ = self._noise(jax.lax.stop_gradient(x), rng_noise, self.t_min, self.t_max)
+    x_real = self._predict(teacher_params, z_t, t, label, self.guidance).x0
+    x_fake = self._predict(critic_params["score"], z_t, t, label).x0
+    x_real, x_fake = jax.lax.stop_gradient(x_real), jax.lax.stop_gradient(x_fake)
+    axes = tuple(range(1, x.ndim))
+    if self.variant == "dmd2":
+      p_real, p_fake = jax.lax.stop_gradient(x) - x_real, jax.lax.stop_gradient(x) - x_fake
+      normaliser = jnp.mean(jnp.abs(p_real), axis=axes, keepdims=True) + 1e-8
+      grad = jnp.nan_to_num((p_real - p_fake) / normaliser)
+      loss = 0.5 * jnp.mean(jnp.square(x - jax.lax.stop_gradient(x - grad)))
+    else:
+      target = jax.lax.stop_gradient(x + (x_real - x_fake))
+      huber = jnp.sqrt(jnp.square(x - target) + self.huber_c**2) - self.huber_c
+      normaliser = jax.lax.stop_gradient(jnp.mean(jnp.abs(x - x_real), axis=axes)) + 1e-8
+      loss = jnp.mean(jnp.mean(huber, axis=axes) / normaliser)
+    metrics = {"generator_dm_loss": loss,
+               "score_difference": jnp.mean(jnp.sqrt(per_example_mse(x_real, x_fake)))}
+    if self.regression_weight > 0:      # DMD1: x from pure noise vs the teacher's ODE sample
+      x_from_noise = self.generate(params, noise, jnp.ones((noise.shape[0],)), label)
+      x_ode = jax.lax.stop_gradient(sample(
+          lambda z, logsnr: self.denoiser.predict(teacher_params, z, logsnr, label), self.schedule,
+          noise, self.regression_steps, clip_x=False))
+      regression = jnp.mean(per_example_mse(x_from_noise, x_ode))
+      loss = loss + self.regression_weight * regression
+      metrics["regression_loss"] = regression
+    if self.gan_weight > 0:
+      z_gan, t_gan, _ = self._noise(x, rng_gan, self.t_min, self.t_max)
+      gan = jnp.mean(jax.nn.softplus(-self.gan_logit(jax.lax.stop_gradient(critic_params), z_gan, t_gan, label)))
+      loss = loss + self.gan_weight * gan
+      metrics["generator_gan_loss"] = gan
+    return loss, metrics
+
+  # ---------------------------------------------------------------- the step
+  def train_step(self, state, batch, rng, frozen, stage):
+    del stage
+    teacher = frozen["teacher"]
+    label = batch["label"] if self.denoiser.num_classes else None
+    rng_noise, rng_roll, rng_critic, rng_gen = jax.random.split(rng, 4)
+    noise = jax.random.normal(rng_noise, batch["x"].shape)
+
+    # the critic: denoise the generator's current samples
+    z_k, t_k = self.rollout(state.generator.params, noise, label, rng_roll)
+    x_generated = jax.lax.stop_gradient(self.generate(state.generator.params, z_k, t_k, label))
+    (critic_loss, critic_metrics), critic_grads = jax.value_and_grad(self.critic_loss, has_aux=True)(
+        state.critic.params, x_generated, batch["x"], label, rng_critic)
+    critic_lr = state_lib.learning_rate(self.critic_optim, state.step, self.num_steps)
+    critic = state_lib.apply_gradients(state.critic, critic_grads, self.critic_optimizer, None,
+                                       critic_lr)
+
+    # the generator: every `critic_updates_per_generator` steps, against the updated critic
+    def generator_update(_):
+      (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
+          state.generator.params, critic.params, teacher, z_k, t_k, noise, label, rng_gen)
+      lr = state_lib.learning_rate(self.generator_optim, state.generator.step,
+                                   self.num_steps // self.critic_updates_per_generator)
+      generator = state_lib.apply_gradients(state.generator, grads, self.generator_optimizer,
+                                            self.ema_decay, lr)
+      return generator, dict(metrics, generator_loss=loss,
+                             generator_grad_norm=state_lib.global_norm(grads))
+
+    generator_metric_shapes = jax.eval_shape(generator_update, None)[1]
+    skip = lambda _: (state.generator, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                    generator_metric_shapes))
+    update_now = (state.step + 1) % self.critic_updates_per_generator == 0
+    generator, generator_metrics = jax.lax.cond(update_now, generator_update, skip, None)
+
+    new_state = DistributionMatchingState(step=state.step + 1, generator=generator, critic=critic)
+    total = critic_loss + generator_metrics["generator_loss"]
+    metrics = dict(critic_metrics, **generator_metrics, critic_loss=critic_loss,
+                   critic_grad_norm=state_lib.global_norm(critic_grads),
+                   generator_updated=update_now.astype(jnp.float32))
+    new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, total)
+    return new_state, metrics
+
+
+# -------------------------------------------------------------------- the driver
+
+def make_objective(exp, num_steps):
+  c, d = exp.config, exp.config.dmd
+  critic_optim = c.optim.copy_and_resolve_references()
+  critic_optim.lr = d.critic_lr
+  return DistributionMatchingObjective(
+      exp.denoiser, exp.schedule, state_lib.make_optimizer(c.optim),
+      state_lib.make_optimizer(critic_optim), c.optim, critic_optim, exp.data_shape, num_steps,
+      variant=d.variant, generator_steps=d.generator_steps,
+      critic_updates_per_generator=d.critic_updates_per_generator, t_min=d.t_min, t_max=d.t_max,
+      guidance=c.diffusion.guidance, critic_weighting=d.critic_weighting,
+      regression_weight=d.regression_weight, regression_steps=d.regression_steps,
+      gan_weight=d.gan_weight, huber_c=d.huber_c, ema_decay=c.optim.ema_decay, remat=d.remat)
+
+
+def train(config, workdir: str):
+  from jdistill.objectives.progressive import time_sampling
+  from jdistill.train import checkpoint as ckpt_lib
+  from jdistill.train import loop, setup
+  from jdistill.train import teacher as teacher_lib
+  exp = setup.build(config, workdir)
+  d = config.dmd
+  if d.variant not in VARIANTS:
+    raise ValueError(f"config.dmd.variant: unknown {d.variant!r}; choose one of {VARIANTS}")
+  if d.variant == "dmd2":
+    exp.sampler.mode = "renoise"
+  teacher = teacher_lib.load_teacher(exp)
+  num_steps = config.train.num_steps
+  objective = make_objective(exp, num_steps)
+  compiled = loop.compile_step(objective, exp.mesh, frozen_shardings={"teacher": exp.param_shardings()})
+  make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
+  frozen = {"teacher": teacher}
+  eval_steps = sorted({d.generator_steps, *d.eval_steps})
+
+  def evaluate(params, step):
+    scalars, grid = {}, None
+    for n in eval_steps:
+      result, samples = exp.evaluator.evaluate(params, n)
+      scalars.update({f"{k}_{n}steps": v for k, v in result.items()})
+      grid = samples if n == d.generator_steps else grid
+    logging.info("eval at step %d: %s", step, "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+    from jdistill.eval.evaluate import image_grid
+    return scalars, {"samples": image_grid(grid)[None]}
+
+  start = time.time()
+  state, scalars = loop.run(
+      objective, workdir=workdir, mesh=exp.mesh, train_data=exp.train_data(), num_steps=num_steps,
+      writer=exp.writer, frozen=frozen, evaluate=evaluate, compiled=compiled, seed=config.seed,
+      log_every=config.train.log_every, eval_every=config.train.eval_every,
+      save_every=config.train.save_every, best_metric=f"fd_{d.generator_steps}steps",
+      initial_state=lambda: make_state(teacher), meta={"method": d.variant})
+  seconds = time.time() - start
+  generator = objective.eval_params(state)
+  teacher_fd = exp.evaluator.evaluate(teacher, config.teacher.sampling_steps)[0]["fd"]
+  rows = [("teacher (DDIM)", config.teacher.sampling_steps, teacher_fd,
+           time_sampling(exp.sampler, teacher, config.teacher.sampling_steps))]
+  for n in eval_steps:
+    fd = scalars.get(f"fd_{n}steps") or exp.evaluator.evaluate(generator, n)[0]["fd"]
+    rows.append((f"{d.variant} generator", n, fd, time_sampling(exp.sampler, generator, n)))
+  lines = [f"# {d.variant.upper()}: {config.preset}", "",
+           f"{num_steps} train steps ({num_steps // d.critic_updates_per_generator} generator "
+           f"updates), wall time {seconds / 60:.1f} min (this invocation)", "",
+           "| model | steps | FD | ms / sample |", "|---|---|---|---|"]
+  lines += [f"| {name} | {n} | {fd:.4g} | {ms:.3f} |" for name, n, fd, ms in rows]
+  text = "\n".join(lines) + "\n"
+  ckpt_lib.write_text(f"{workdir}/summary.md", text)
+  logging.info("\n%s", text)
+  return generator
