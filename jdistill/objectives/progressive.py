@@ -272,6 +272,7 @@ def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2):
 
 
 def train(config, workdir: str):
+  run_start = time.time()
   exp = setup.build(config, workdir)
   p = config.progressive
   original_teacher = teacher_lib.load_teacher(exp)
@@ -305,7 +306,6 @@ def train(config, workdir: str):
     previous = stage_dir(workdir, p.start_stage - 1, steps[p.start_stage])
     teacher = ckpt_lib.restore_params(os.path.join(previous, "checkpoints"), exp.abstract_params())
   offset = sum(train_steps[:p.start_stage])
-  run_start = time.time()
   for k in range(p.start_stage, num_stages):
     n_teacher, n_student = steps[k], steps[k + 1]
     directory = stage_dir(workdir, k, n_student)
