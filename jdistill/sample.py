@@ -1,6 +1,7 @@
 """Draw samples from a trained run.
 
   python -m jdistill.sample --workdir=DIR [--checkpoint=PATH] --num_steps=N --num_samples=M --out=FILE.npz
+      [--mode=ddim|ancestral|renoise]
 
 Writes `samples` (images: uint8 NHWC in 0..255; 2-D data: float32 (M, 2)) and `labels` to FILE.npz,
 and a PNG grid next to it. The model comes from DIR/config.json; the params from --checkpoint (an
@@ -23,7 +24,9 @@ flags.DEFINE_integer("num_steps", None, "Sampling steps.")
 flags.DEFINE_integer("num_samples", 100, "How many samples.")
 flags.DEFINE_string("out", "samples.npz", "Output .npz path (a PNG grid is written next to it).")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
-flags.DEFINE_bool("ancestral", False, "DDPM ancestral sampling instead of DDIM.")
+flags.DEFINE_enum("mode", None, ["ddim", "ancestral", "renoise"],
+                  "Sampler: DDIM, DDPM ancestral, or re-noising (DMD2 generators). Default: renoise "
+                  "for a DMD2 run, else DDIM.")
 flags.mark_flags_as_required(["workdir", "num_steps"])
 FLAGS = flags.FLAGS
 
@@ -45,7 +48,8 @@ def load_params(exp, checkpoint: str):
     return load_exported(checkpoint, exp.abstract_params())
   if (epath.Path(checkpoint) / "checkpoints").is_dir():
     checkpoint = os.path.join(checkpoint, "checkpoints")
-  return ckpt_lib.restore_params(checkpoint, exp.abstract_params())
+  key = "generator/ema_params" if exp.config.method == "dmd" else "ema_params"
+  return ckpt_lib.restore_params(checkpoint, exp.abstract_params(), key=key)
 
 
 def main(argv):
@@ -63,8 +67,9 @@ def main(argv):
   labels = None
   if exp.denoiser.num_classes:
     labels = np.random.RandomState(FLAGS.seed).randint(0, exp.denoiser.num_classes, FLAGS.num_samples)
+  mode = FLAGS.mode or ("renoise" if config.get("dmd", {}).get("variant") == "dmd2" else "ddim")
   samples = exp.sampler.sample(params, FLAGS.num_steps, FLAGS.num_samples, FLAGS.seed,
-                               ancestral=FLAGS.ancestral, labels=labels)
+                               labels=labels, mode=mode)
   stored = eval_lib.to_uint8(samples) if samples.ndim == 4 else samples.astype(np.float32)
   np.savez(FLAGS.out, samples=stored, labels=np.zeros(0) if labels is None else labels)
   png = os.path.splitext(FLAGS.out)[0] + ".png"

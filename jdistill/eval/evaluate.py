@@ -17,21 +17,21 @@ from jdistill.eval import frechet
 class Sampler:
   """Draws samples from a denoiser with N-step DDIM (or ancestral), N traced: one compilation."""
 
-  def __init__(self, denoiser, schedule, data_shape, *, clip_x=True, guidance=0.0, batch_size=500,
-               mode="ddim"):
+  def __init__(self, denoiser, schedule, data_shape, *, clip_x=True, guidance=0.0, batch_size=500):
     self.denoiser, self.schedule, self.data_shape = denoiser, schedule, tuple(data_shape)
-    self.clip_x, self.guidance, self.batch_size, self.mode = clip_x, guidance, batch_size, mode
+    self.clip_x, self.guidance, self.batch_size = clip_x, guidance, batch_size
 
   @functools.partial(jax.jit, static_argnums=(0, 5))
-  def _sample_batch(self, params, noise, label, num_steps, ancestral, rng):
+  def _sample_batch(self, params, noise, label, num_steps, mode, rng):
     predict = lambda z, logsnr: self.denoiser.predict_guided(params, z, logsnr, label, self.guidance)
-    mode = "ancestral" if ancestral else self.mode
     return sampling.sample(predict, self.schedule, noise, num_steps, clip_x=self.clip_x,
                            rng=None if mode == "ddim" else rng, mode=mode)
 
   def sample(self, params, num_steps: int, num_samples: int, seed: int = 0, ancestral=False,
-             labels: Optional[np.ndarray] = None):
-    """`num_samples` samples in the data range, as numpy; noise and labels depend only on `seed`."""
+             labels: Optional[np.ndarray] = None, mode: str = "ddim"):
+    """`num_samples` samples in the data range, as numpy; noise and labels depend only on `seed`.
+    `mode`: 'ddim', 'ancestral' (same as ancestral=True) or 'renoise' (few-step generators)."""
+    mode = "ancestral" if ancestral else mode
     rng = jax.random.key(seed)
     noise = np.asarray(jax.random.normal(rng, (num_samples, *self.data_shape)))
     if labels is None and self.denoiser.num_classes:
@@ -41,8 +41,7 @@ class Sampler:
       chunk = slice(start, start + self.batch_size)
       label = None if labels is None else jnp.asarray(labels[chunk], jnp.int32)
       out.append(self._sample_batch(params, jnp.asarray(noise[chunk]), label,
-                                    jnp.int32(num_steps), ancestral,
-                                    jax.random.fold_in(rng, start)))
+                                    jnp.int32(num_steps), mode, jax.random.fold_in(rng, start)))
     return np.concatenate([np.asarray(o) for o in out])
 
 
@@ -64,17 +63,18 @@ class FDEvaluator:
       result["swd"] = frechet.sliced_wasserstein(samples, self.reference)
     return result
 
-  def evaluate(self, params, num_steps: int):
+  def evaluate(self, params, num_steps: int, mode: str = "ddim"):
     """({'fd': ..., ['swd': ...]}, samples) for `num_steps`-step sampling."""
-    samples = self.sampler.sample(params, num_steps, self.num_samples, self.seed)
+    samples = self.sampler.sample(params, num_steps, self.num_samples, self.seed, mode=mode)
     return self.fd_of(samples), samples
 
 
 def image_grid(samples, columns: int = 10, max_images: int = 100):
   """Samples in [-1, 1] -> one float image grid in [0, 1] (H, W, C); 2-D points -> a scatter raster."""
-  samples = np.asarray(samples)[:max_images]
-  if samples.ndim == 2:
+  samples = np.asarray(samples)
+  if samples.ndim == 2:                 # 2-D points: all of them, as a scatter raster
     return scatter_raster(samples)
+  samples = samples[:max_images]
   n, h, w, c = samples.shape
   rows = -(-n // columns)
   grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.float32)

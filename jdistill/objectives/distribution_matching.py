@@ -263,8 +263,7 @@ def train(config, workdir: str):
   d = config.dmd
   if d.variant not in VARIANTS:
     raise ValueError(f"config.dmd.variant: unknown {d.variant!r}; choose one of {VARIANTS}")
-  if d.variant == "dmd2":
-    exp.sampler.mode = "renoise"
+  mode = "renoise" if d.variant == "dmd2" else "ddim"      # how the generator samples
   teacher = teacher_lib.load_teacher(exp)
   num_steps = config.train.num_steps
   objective = make_objective(exp, num_steps)
@@ -276,7 +275,7 @@ def train(config, workdir: str):
   def evaluate(params, step):
     scalars, grid = {}, None
     for n in eval_steps:
-      result, samples = exp.evaluator.evaluate(params, n)
+      result, samples = exp.evaluator.evaluate(params, n, mode)
       scalars.update({f"{k}_{n}steps": v for k, v in result.items()})
       grid = samples if n == d.generator_steps else grid
     logging.info("eval at step %d: %s", step, "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
@@ -296,8 +295,8 @@ def train(config, workdir: str):
   rows = [("teacher (DDIM)", config.teacher.sampling_steps, teacher_fd,
            time_sampling(exp.sampler, teacher, config.teacher.sampling_steps))]
   for n in eval_steps:
-    fd = scalars.get(f"fd_{n}steps") or exp.evaluator.evaluate(generator, n)[0]["fd"]
-    rows.append((f"{d.variant} generator", n, fd, time_sampling(exp.sampler, generator, n)))
+    fd = scalars.get(f"fd_{n}steps") or exp.evaluator.evaluate(generator, n, mode)[0]["fd"]
+    rows.append((f"{d.variant} generator", n, fd, time_sampling(exp.sampler, generator, n, mode=mode)))
   lines = [f"# {d.variant.upper()}: {config.preset}", "",
            f"{num_steps} train steps ({num_steps // d.critic_updates_per_generator} generator "
            f"updates), wall time {seconds / 60:.1f} min (this invocation)", "",

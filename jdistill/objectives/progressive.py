@@ -260,13 +260,13 @@ def stage_train_steps(config, num_stages: int, train_size: int):
 
 # ----------------------------------------------------------------------------- the driver
 
-def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2):
+def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2, mode="ddim"):
   """Median milliseconds per sample of `num_steps`-step sampling (after a warm-up call)."""
-  sampler.sample(params, num_steps, num_samples)
+  sampler.sample(params, num_steps, num_samples, mode=mode)
   times = []
   for r in range(repeats):
     start = time.perf_counter()
-    sampler.sample(params, num_steps, num_samples, seed=r)
+    sampler.sample(params, num_steps, num_samples, seed=r, mode=mode)
     times.append(time.perf_counter() - start)
   return 1000.0 * float(np.median(times)) / num_samples
 

@@ -76,9 +76,12 @@ def restore_params(directory: str, abstract_params: Any, key: str = "ema_params"
   fallback = _replicated_like(abstract_params)
   state = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(fallback_sharding=fallback)))["state"]
-  if key not in state:
-    raise CheckpointError(f"{directory}/{step}: the state has no '{key}' (has {sorted(state)})")
-  return place_like(state[key], abstract_params, f"{directory}/{step} '{key}'")
+  for part in key.split("/"):             # nested keys like 'generator/ema_params'
+    if not isinstance(state, dict) or part not in state:
+      raise CheckpointError(f"{directory}/{step}: the state has no '{key}' "
+                            f"(has {sorted(state) if isinstance(state, dict) else type(state)})")
+    state = state[part]
+  return place_like(state, abstract_params, f"{directory}/{step} '{key}'")
 
 
 def _replicated_like(abstract_params):
