@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Optional
 
 import jax
@@ -43,6 +44,17 @@ class Sampler:
       out.append(self._sample_batch(params, jnp.asarray(noise[chunk]), label,
                                     jnp.int32(num_steps), mode, jax.random.fold_in(rng, start)))
     return np.concatenate([np.asarray(o) for o in out])
+
+
+def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2, mode="ddim"):
+  """Median milliseconds per sample of `num_steps`-step sampling (after a warm-up call)."""
+  sampler.sample(params, num_steps, num_samples, mode=mode)
+  times = []
+  for r in range(repeats):
+    start = time.perf_counter()
+    sampler.sample(params, num_steps, num_samples, seed=r, mode=mode)
+    times.append(time.perf_counter() - start)
+  return 1000.0 * float(np.median(times)) / num_samples
 
 
 class FDEvaluator:

@@ -255,7 +255,7 @@ def make_objective(exp, num_steps):
 
 
 def train(config, workdir: str):
-  from jdistill.objectives.progressive import time_sampling
+  from jdistill.eval.evaluate import time_sampling
   from jdistill.train import checkpoint as ckpt_lib
   from jdistill.train import loop, setup
   from jdistill.train import teacher as teacher_lib

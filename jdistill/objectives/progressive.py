@@ -33,7 +33,7 @@ from etils import epath
 from jdistill import curriculum as curriculum_lib
 from jdistill.data import pipeline
 from jdistill.diffusion import sampling
-from jdistill.eval.evaluate import image_grid, save_png
+from jdistill.eval.evaluate import image_grid, save_png, time_sampling
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.diffusion.parameterization import broadcast_to_data
 from jdistill.diffusion.schedules import alpha_sigma
@@ -259,17 +259,6 @@ def stage_train_steps(config, num_stages: int, train_size: int):
 
 
 # ----------------------------------------------------------------------------- the driver
-
-def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2, mode="ddim"):
-  """Median milliseconds per sample of `num_steps`-step sampling (after a warm-up call)."""
-  sampler.sample(params, num_steps, num_samples, mode=mode)
-  times = []
-  for r in range(repeats):
-    start = time.perf_counter()
-    sampler.sample(params, num_steps, num_samples, seed=r, mode=mode)
-    times.append(time.perf_counter() - start)
-  return 1000.0 * float(np.median(times)) / num_samples
-
 
 def train(config, workdir: str):
   run_start = time.time()
