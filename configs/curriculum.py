@@ -12,7 +12,8 @@ def get_config(preset: str = "adaptive"):
   if preset not in ("adaptive", "uniform"):
     raise ValueError(f"config preset: use 'adaptive' or 'uniform', got {preset!r}")
   config = progressive_config("digits")
-  config.progressive.update(steps="8,4", steps_per_stage=400, eval_every=25, best_metric="val_loss")
+  config.progressive.update(steps="8,4", steps_per_stage=400, stage_overrides="", eval_every=25,
+                            best_metric="val_loss")
   config.curriculum.update(sampler=preset, num_regions=3, temperature=1.0, min_weight=0.1,
                            update_every=25, smoothing=0.9)
   config.eval.num_samples = 1000

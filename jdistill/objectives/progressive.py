@@ -251,7 +251,9 @@ def stage_train_steps(config, num_stages: int, train_size: int):
       raise ScheduleError(f"config.progressive.stage_overrides: {item!r} is not 'stage:steps'") from e
     if not 0 <= index < num_stages or value < 1:
       raise ScheduleError(f"config.progressive.stage_overrides: {item!r} names stage {index} of "
-                          f"{num_stages} or a non-positive step count")
+                          f"{num_stages} or a non-positive step count (the digits preset sets "
+                          "overrides for its 6-stage schedule; clear them with "
+                          "--config.progressive.stage_overrides=)")
     result[index] = value
   if any(n < 1 for n in result):
     raise ScheduleError("config.progressive.steps_per_stage must be >= 1")
