@@ -124,6 +124,7 @@ def progressive(steps="", two_step=True, **kwargs):
   config = progressive_config.get_config()
   config.progressive.steps = steps
   config.progressive.two_step = two_step
+  config.progressive.stage_overrides = ""      # the digits preset's 6-stage overrides: none here
   config.progressive.update(kwargs)
   return config
 
@@ -222,3 +223,11 @@ def test_stage_train_steps_bad_overrides(overrides):
 def test_stage_train_steps_bad_steps_per_stage():
   with pytest.raises(ScheduleError, match=r"steps_per_stage"):
     stage_train_steps(progressive(steps_per_stage=0), 3, 1297)
+
+
+def test_digits_preset_stage_budget():
+  config = progressive_config.get_config()
+  assert stage_train_steps(config, 6, 1297) == [300, 300, 400, 600, 900, 1400]
+  config.progressive.steps = "8,4,2,1"
+  with pytest.raises(ScheduleError, match="clear them with --config.progressive.stage_overrides="):
+    stage_train_steps(config, 3, 1297)
