@@ -270,17 +270,9 @@ def train(config, workdir: str):
   compiled = loop.compile_step(objective, exp.mesh, frozen_shardings={"teacher": exp.param_shardings()})
   make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
   frozen = {"teacher": teacher}
-  eval_steps = sorted({d.generator_steps, *d.eval_steps})
-
-  def evaluate(params, step):
-    scalars, grid = {}, None
-    for n in eval_steps:
-      result, samples = exp.evaluator.evaluate(params, n, mode)
-      scalars.update({f"{k}_{n}steps": v for k, v in result.items()})
-      grid = samples if n == d.generator_steps else grid
-    logging.info("eval at step %d: %s", step, "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-    from jdistill.eval.evaluate import image_grid
-    return scalars, {"samples": image_grid(grid)[None]}
+  # the generator's own step count first: its samples make the TensorBoard grid
+  eval_steps = [d.generator_steps] + sorted(set(d.eval_steps) - {d.generator_steps})
+  evaluate = teacher_lib.fd_callback(exp, eval_steps, mode=mode)
 
   start = time.time()
   state, scalars = loop.run(

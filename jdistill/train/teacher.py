@@ -28,12 +28,13 @@ def objective_for(exp, num_steps):
       label_dropout=c.diffusion.label_dropout, curriculum=curriculum_lib.make_scheduler(c))
 
 
-def fd_callback(exp, steps_list, prefix=""):
-  """evaluate(params, step) -> ({'fd_<N>steps': ...}, {'samples': grid}) for the loop."""
+def fd_callback(exp, steps_list, prefix="", mode="ddim"):
+  """evaluate(params, step) -> ({'fd_<N>steps': ...}, {'samples': grid of the first N}) for the
+  loop; `mode` is the sampler ('renoise' for DMD2 generators)."""
   def evaluate(params, step):
     scalars, grid = {}, None
     for n in steps_list:
-      result, samples = exp.evaluator.evaluate(params, n)
+      result, samples = exp.evaluator.evaluate(params, n, mode)
       scalars.update({f"{k}_{n}steps": v for k, v in result.items()})
       grid = eval_lib.image_grid(samples) if grid is None else grid
     logging.info("%seval at step %d: %s", prefix, step,
