@@ -172,3 +172,15 @@ def test_adaptive_curriculum_survives_checkpoint_and_resume(toy_teacher, tmp_pat
   np.testing.assert_allclose(states[0].curriculum.divergence, states[1].curriculum.divergence, atol=1e-7)
   assert float(states[0].curriculum.visits.sum()) == 60 * 64
   assert not np.allclose(states[0].curriculum.probabilities, 1 / 3)    # it adapted
+
+
+def test_lora_stage_exports_merged_full_weights(toy_teacher, tmp_path):
+  config = _progressive_config(toy_teacher)
+  config.progressive.update(steps="4,2", steps_per_stage=10)
+  config.lora.update(rank=2, alpha=2.0)
+  student, _ = _run(config, str(tmp_path))
+  exp = setup.build(config, str(tmp_path) + "_check", evaluator=False)
+  exported = teacher_lib.load_exported(os.path.join(tmp_path, "stages", "0_2steps", "student.msgpack"),
+                                       exp.abstract_params())
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(student)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

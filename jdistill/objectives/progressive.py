@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
+from flax import serialization
 
 from jdistill import curriculum as curriculum_lib
 from jdistill.data import pipeline
@@ -339,6 +340,9 @@ def train(config, workdir: str):
     best_manager.wait_until_finished()
     offset += train_steps[k]
     student = objective.eval_params(state, frozen)
+    if objective.lora is not None:        # the checkpoint holds adapters: export merged weights
+      ckpt_lib.write_bytes(os.path.join(directory, "student.msgpack"),
+                           serialization.to_bytes(jax.device_get(student)))
     rows.append(stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms,
                           last_eval))
     teacher = student
