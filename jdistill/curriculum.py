@@ -108,6 +108,21 @@ class AdaptiveCurriculumScheduler:
     return (1.0 / n) / mass
 
 
+def attach(scheduler, train_state):
+  """`train_state` with a fresh curriculum state (unchanged when the sampler is uniform)."""
+  return train_state if scheduler is None else train_state.replace(curriculum=scheduler.init())
+
+
+def advance(scheduler, old_state, new_state, t, per_example_loss, step_metrics):
+  """`new_state` with the curriculum updated from this batch's (t, loss), its divergences and
+  probabilities added to `step_metrics` (unchanged when the sampler is uniform)."""
+  if scheduler is None:
+    return new_state
+  curriculum = scheduler.update(old_state.curriculum, old_state.step, t, per_example_loss)
+  step_metrics.update(metrics(curriculum))
+  return new_state.replace(curriculum=curriculum)
+
+
 def metrics(state: CurriculumState):
   """Per-region divergences and probabilities, for TensorBoard."""
   out = {}

@@ -16,7 +16,8 @@ from jdistill.eval import frechet
 
 
 class Sampler:
-  """Draws samples from a denoiser with N-step DDIM (or ancestral), N traced: one compilation."""
+  """Draws samples from a denoiser with an N-step sampler (DDIM, ancestral or re-noise), N traced:
+  one compilation."""
 
   def __init__(self, denoiser, schedule, data_shape, *, clip_x=True, guidance=0.0, batch_size=500):
     self.denoiser, self.schedule, self.data_shape = denoiser, schedule, tuple(data_shape)
@@ -28,11 +29,10 @@ class Sampler:
     return sampling.sample(predict, self.schedule, noise, num_steps, clip_x=self.clip_x,
                            rng=None if mode == "ddim" else rng, mode=mode)
 
-  def sample(self, params, num_steps: int, num_samples: int, seed: int = 0, ancestral=False,
+  def sample(self, params, num_steps: int, num_samples: int, seed: int = 0,
              labels: Optional[np.ndarray] = None, mode: str = "ddim"):
     """`num_samples` samples in the data range, as numpy; noise and labels depend only on `seed`.
-    `mode`: 'ddim', 'ancestral' (same as ancestral=True) or 'renoise' (few-step generators)."""
-    mode = "ancestral" if ancestral else mode
+    `mode`: 'ddim', 'ancestral' (DDPM) or 'renoise' (few-step generators)."""
     rng = jax.random.key(seed)
     noise = np.asarray(jax.random.normal(rng, (num_samples, *self.data_shape)))
     if labels is None and self.denoiser.num_classes:

@@ -48,10 +48,7 @@ class DenoisingObjective:
 
   def init_state(self, rng, frozen=None):
     params = self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"]
-    state = state_lib.create(params, self.optimizer)
-    if self.curriculum is not None:
-      state = state.replace(curriculum=self.curriculum.init())
-    return state
+    return curriculum_lib.attach(self.curriculum, state_lib.create(params, self.optimizer))
 
   def loss(self, params, batch, rng, curriculum_state=None):
     x = batch["x"]
@@ -75,10 +72,7 @@ class DenoisingObjective:
     lr = state_lib.learning_rate(self.optim, state.step, self.num_steps)
     new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr)
     metrics = {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr}
-    if self.curriculum is not None:
-      new_state = new_state.replace(curriculum=self.curriculum.update(
-          state.curriculum, state.step, t, per_example))
-      metrics.update(curriculum_lib.metrics(new_state.curriculum))
+    new_state = curriculum_lib.advance(self.curriculum, state, new_state, t, per_example, metrics)
     new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)
     return new_state, metrics
 

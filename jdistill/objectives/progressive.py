@@ -112,10 +112,7 @@ class ProgressiveObjective:
     params = student_init
     if self.lora is not None:
       params = self.lora.init(jax.random.key(0) if rng is None else rng, nn.unbox(student_init))
-    state = state_lib.create(params, self.optimizer)
-    if self.curriculum is not None:
-      state = state.replace(curriculum=self.curriculum.init())
-    return state
+    return curriculum_lib.attach(self.curriculum, state_lib.create(params, self.optimizer))
 
   def init_state(self, rng, frozen=None):
     return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
@@ -180,11 +177,9 @@ class ProgressiveObjective:
         "grad_norm": state_lib.global_norm(grads), "lr": lr}
     if self.features is not None:
       metrics.update(feature_loss=feature_loss, feature_weight=feature_weight)
-    if self.curriculum is not None:
-      position = s + 0.5 / stage["student_steps"]          # the middle of the student's step
-      new_state = new_state.replace(curriculum=self.curriculum.update(
-          state.curriculum, state.step, position, per_example))
-      metrics.update(curriculum_lib.metrics(new_state.curriculum))
+    position = s + 0.5 / stage["student_steps"]            # the middle of the student's step
+    new_state = curriculum_lib.advance(self.curriculum, state, new_state, position, per_example,
+                                       metrics)
     new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)
     return new_state, metrics
 
