@@ -134,6 +134,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
       gan_weight=0.0,                                  # GAN head on the critic's bottleneck
       huber_c=0.03,                                    # TDM pseudo-Huber constant
       remat=False,                                     # rematerialise the denoiser passes
+      unify_steps=(),          # TDM-unify: e.g. (1, 2, 4), one generator told its step count
       eval_steps=(1, 2, 4),
   ))
   config.optim.update(lr=1e-4, warmup_steps=0, schedule="constant", ema_decay=0.99, b1=0.0, b2=0.99)
@@ -143,6 +144,17 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
   if preset == "toy2d":
     config.train.update(num_steps=3000, eval_every=1000)
   return config
+
+
+def _validate_distribution_matching(d, check):
+  from jdistill.models.unet import MAX_STEPS
+  check(d.variant in ("dmd2", "tdm"), "dmd.variant", f"unknown {d.variant!r}; use dmd2 or tdm")
+  check(1 <= d.generator_steps <= MAX_STEPS, "dmd.generator_steps", f"must be in 1..{MAX_STEPS}")
+  check(d.critic_updates_per_generator >= 1, "dmd.critic_updates_per_generator", "must be >= 1")
+  check(0.0 <= d.t_min < d.t_max <= 1.0, "dmd.t_min", "need 0 <= t_min < t_max <= 1")
+  check(d.critic_lr > 0, "dmd.critic_lr", f"must be > 0, got {d.critic_lr}")
+  check(all(1 <= k <= MAX_STEPS for k in d.unify_steps), "dmd.unify_steps",
+        f"step counts must be in 1..{MAX_STEPS}, got {tuple(d.unify_steps)}")
 
 
 def validate(config, num_devices: int):
@@ -182,6 +194,8 @@ def validate(config, num_devices: int):
   check(config.features.schedule in ("linear", "cosine"), "features.schedule",
         f"unknown {config.features.schedule!r}; use linear or cosine")
   check(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0: off)")
+  if "dmd" in config:
+    _validate_distribution_matching(config.dmd, check)
   check(config.eval.features in ("digits", "raw", "inception"), "eval.features",
         f"unknown feature net {config.eval.features!r}")
   source = config.data.source

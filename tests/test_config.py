@@ -231,3 +231,30 @@ def test_digits_preset_stage_budget():
   config.progressive.steps = "8,4,2,1"
   with pytest.raises(ScheduleError, match="clear them with --config.progressive.stage_overrides="):
     stage_train_steps(config, 3, 1297)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("variant", "dmd3"), ("generator_steps", 0), ("generator_steps", 17),
+    ("critic_updates_per_generator", 0), ("t_min", 0.99), ("critic_lr", 0.0),
+    ("unify_steps", (1, 2, 32)),
+])
+def test_invalid_distribution_matching_field_is_named(field, value):
+  from jdistill.config import distribution_matching_config
+  config = distribution_matching_config("digits", "tdm")
+  validate(config, 1)
+  config.dmd[field] = value
+  with pytest.raises(ConfigError, match=f"config.dmd.{field}"):
+    validate(config, 1)
+
+
+def test_unify_steps_from_the_command_line(tmp_path):
+  """A tuple override reaches validation from the command line, which fails before any compute."""
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "jdistill.main", "--config=configs/tdm.py", f"--workdir={tmp_path}",
+       "--config.dmd.unify_steps=(1,2,32)"], cwd=repo, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu"))
+  assert out.returncode != 0
+  assert "config.dmd.unify_steps: step counts must be in 1..16, got (1, 2, 32)" in out.stderr

@@ -1,4 +1,10 @@
-"""DMD2 / TDM: critic learning, the zero-gradient fixed point, update ratio, checkpoint/resume."""
+"""DMD2 / TDM: critic learning, the zero-gradient fixed point, update ratio, checkpoint/resume,
+sharded == one device, TDM-unify step conditioning."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,11 +58,12 @@ def test_generator_gradient_vanishes_when_fake_score_equals_real_score(tmp_path,
   then x_real = x_fake and the distribution-matching gradient is exactly zero."""
   exp, objective, teacher = _setup(tmp_path, variant, generator_steps=2)
   noise = jax.random.normal(jax.random.key(3), (64, 2))
-  z_k, t_k = objective.rollout(teacher, noise, None, jax.random.key(4))
+  steps = objective.draw_step_counts(jax.random.key(2), 64)
+  z_k, t_k = objective.rollout(teacher, noise, None, steps, jax.random.key(4))
 
   def grad_norm(critic_score):
     grads = jax.grad(lambda p: objective.generator_loss(
-        p, {"score": critic_score, "gan_head": {}}, teacher, z_k, t_k, noise, None,
+        p, {"score": critic_score, "gan_head": {}}, teacher, z_k, t_k, noise, None, steps,
         jax.random.key(5))[0])(teacher)
     return float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
 
@@ -94,3 +101,91 @@ def test_checkpoint_resume_keeps_both_networks_and_optimizers(tmp_path):
   resumed, _ = loop.run(objective, train_data=exp.train_data(), num_steps=9, **common)
   for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(jax.device_get(unbroken))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARDED_SCRIPT = textwrap.dedent("""
+    import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+    assert jax.device_count() == 8
+    from jdistill.config import distribution_matching_config
+    from jdistill.data import pipeline
+    from jdistill.objectives import distribution_matching as dm
+    from jdistill.train import loop, partitioning, setup
+    config = distribution_matching_config("digits", "dmd2")
+    config.model.update(channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
+    config.data.batch_size = 16
+    config.dmd.update(critic_updates_per_generator=2, generator_steps=2)
+    exp = setup.build(config, "{workdir}", evaluator=False)
+    objective = dm.make_objective(exp, 100)
+    boxed = exp.denoiser.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    teacher = jax.device_get(nn.unbox(boxed))
+    iterator = pipeline.make_iterator(exp.train_data())
+    batches = [next(iterator) for _ in range(4)]
+    results = {{}}
+    for name, mesh in [("one", partitioning.make_mesh(1, jax.devices()[:1])),
+                       ("fsdp2x4", partitioning.make_mesh(4))]:
+      compiled = loop.compile_step(objective, mesh, frozen_shardings={{"teacher": partitioning.shardings_for(boxed, mesh)}})
+      state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)(teacher)
+      for i, b in enumerate(batches):
+        state, metrics = compiled.fn(state, pipeline.to_global(b, partitioning.batch_sharding(mesh)),
+                                     jax.random.key(i), {{"teacher": teacher}}, {{}})
+      specs = [str(x.sharding.spec) for x in jax.tree.leaves(state)]
+      results[name] = (jax.device_get(state), float(metrics["critic_loss"]), sum("fsdp" in s for s in specs))
+    one = results["one"]
+    state, loss, fsdp_sharded = results["fsdp2x4"]
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(one[0])))
+    print(f"fsdp2x4 maxdiff={{diff:.3g}} loss={{loss:.7f}} one_loss={{one[1]:.7f}} fsdp_leaves={{fsdp_sharded}}")
+""")
+
+
+def test_sharded_step_equals_one_device_step(tmp_path):
+  """Generator, critic (both with optimizer states) and EMA sharded FSDP 2x4 == one device."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT.format(workdir=tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = next(l for l in out.stdout.splitlines() if "maxdiff" in l)
+  fields = dict(kv.split("=") for kv in line.split()[1:])
+  assert float(fields["maxdiff"]) < 2e-5, line
+  np.testing.assert_allclose(float(fields["loss"]), float(fields["one_loss"]), rtol=1e-5)
+  assert int(fields["fsdp_leaves"]) > 30        # generator, EMA, critic and Adam moments sharded
+
+
+def test_unify_generator_starts_as_the_teacher_and_learns_per_step_count(tmp_path):
+  """TDM-unify: a zero step embedding makes the generator the teacher; training draws K from
+  (1, 2, 4), rolls each example out on its own K-step grid, and moves the embedding."""
+  exp, objective, teacher = _setup(tmp_path, "tdm", unify_steps=(1, 2, 4), critic_updates_per_generator=1)
+  state = jax.jit(objective.new_state)(teacher)
+  generator = state.generator.params
+  assert generator["step_embedding"]["embedding"].shape[0] > 4
+  assert "step_embedding" in state.critic.params["score"]
+  z = jax.random.normal(jax.random.key(0), (16, 2))
+  logsnr = jnp.linspace(-5.0, 5.0, 16)
+  for k in (1, 2, 4):
+    np.testing.assert_allclose(
+        exp.denoiser.predict(generator, z, logsnr, steps=jnp.full((16,), k)).x0,
+        exp.denoiser.predict(teacher, z, logsnr).x0, atol=1e-6)
+
+  steps = objective.draw_step_counts(jax.random.key(1), 4096)
+  assert set(np.unique(steps).tolist()) == {1, 2, 4}
+  np.testing.assert_allclose(np.bincount(steps)[[1, 2, 4]] / 4096, 1 / 3, atol=0.03)
+  _, t_k = objective.rollout(generator, jax.random.normal(jax.random.key(2), (4096, 2)), None, steps,
+                             jax.random.key(3))
+  for k in (1, 2, 4):                  # t_k on the K-step grid {1, (K-1)/K, ..., 1/K}, each equally often
+    grid, counts = np.unique(np.asarray(t_k)[np.asarray(steps) == k], return_counts=True)
+    np.testing.assert_allclose(grid, np.arange(1, k + 1) / k, atol=1e-6)
+    assert counts.min() > 0.7 * counts.max()
+
+  compiled = loop.compile_step(objective, exp.mesh)
+  for i, batch in enumerate(_batches(exp, 3)):
+    state, _ = compiled.fn(state, batch, jax.random.key(i), {"teacher": teacher}, {})
+  table = np.asarray(state.generator.params["step_embedding"]["embedding"])
+  assert np.abs(table[[1, 2, 4]]).max() > 0 and np.abs(table[[0, 3, 5]]).max() == 0
+  # the sampler tells the generator its step count: 1-step samples differ from K-blind ones
+  unconditioned = dict(state.generator.params)
+  del unconditioned["step_embedding"]
+  told = exp.sampler.sample(state.generator.params, 1, 64)
+  blind = exp.sampler.sample(unconditioned, 1, 64)
+  assert np.abs(told - blind).max() > 1e-6

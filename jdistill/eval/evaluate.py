@@ -25,7 +25,9 @@ class Sampler:
 
   @functools.partial(jax.jit, static_argnums=(0, 5))
   def _sample_batch(self, params, noise, label, num_steps, mode, rng):
-    predict = lambda z, logsnr: self.denoiser.predict_guided(params, z, logsnr, label, self.guidance)
+    # step-conditioned generators (TDM-unify) are told the step count; other params ignore it
+    predict = lambda z, logsnr: self.denoiser.predict_guided(
+        params, z, logsnr, label, self.guidance, jnp.full((z.shape[0],), num_steps, jnp.int32))
     return sampling.sample(predict, self.schedule, noise, num_steps, clip_x=self.clip_x,
                            rng=None if mode == "ddim" else rng, mode=mode)
 

@@ -24,24 +24,32 @@ class Denoiser:
   parameterization: str           # 'eps' | 'x' | 'v' | 'both'
   num_classes: int = 0            # > 0: label `num_classes` is the null (unconditional) class
 
-  def init(self, rng, example_z):
+  def init(self, rng, example_z, step_conditioned: bool = False):
+    """Params; `step_conditioned` adds the (zero) step-count embedding of TDM-unify generators."""
     batch = example_z.shape[0]
     label = jnp.zeros((batch,), jnp.int32) if self.num_classes else None
-    return self.module.init({"params": rng, "dropout": rng}, example_z, jnp.zeros((batch,)), label)
+    steps = {"steps": jnp.ones((batch,), jnp.int32)} if step_conditioned else {}
+    return self.module.init({"params": rng, "dropout": rng}, example_z, jnp.zeros((batch,)), label,
+                            **steps)
 
   def predict(self, params, z, logsnr, cond: Optional[jnp.ndarray] = None, *,
-              train: bool = False, rng: Optional[jax.Array] = None) -> Prediction:
+              train: bool = False, rng: Optional[jax.Array] = None,
+              steps: Optional[jnp.ndarray] = None) -> Prediction:
+    """`steps`: the sampler's step count K per example; only step-conditioned params (those
+    holding a `step_embedding`) read it, so samplers can always pass it."""
     rngs = {"dropout": rng} if (train and rng is not None) else {}
-    output = self.module.apply({"params": params}, z, logsnr, cond, train=train, rngs=rngs)
+    extra = {"steps": steps} if (steps is not None and is_step_conditioned(params)) else {}
+    output = self.module.apply({"params": params}, z, logsnr, cond, train=train, rngs=rngs, **extra)
     return param_lib.from_model_output(self.parameterization, output, z, logsnr)
 
-  def predict_guided(self, params, z, logsnr, cond, guidance) -> Prediction:
+  def predict_guided(self, params, z, logsnr, cond, guidance, steps=None) -> Prediction:
     """Classifier-free guidance: (1 + w) pred(z | c) - w pred(z | null)."""
     if self.num_classes == 0 or cond is None:
-      return self.predict(params, z, logsnr, None)
+      return self.predict(params, z, logsnr, None, steps=steps)
     null = jnp.full_like(cond, self.num_classes)
     both = self.predict(params, jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
-                        jnp.concatenate([cond, null]))
+                        jnp.concatenate([cond, null]),
+                        steps=None if steps is None else jnp.concatenate([steps, steps]))
     conditional = jax.tree.map(lambda a: a[: z.shape[0]], both)
     unconditional = jax.tree.map(lambda a: a[z.shape[0]:], both)
     return param_lib.combine([(1.0 + guidance, conditional), (-guidance, unconditional)])
@@ -59,6 +67,19 @@ class Denoiser:
       raise ValueError(f"config.features.layers: {missing} not captured; have {sorted(captured)}")
     prediction = param_lib.from_model_output(self.parameterization, output, z, logsnr)
     return prediction, [captured[name][0] for name in layers]
+
+
+def is_step_conditioned(params) -> bool:
+  return "step_embedding" in params
+
+
+def with_step_embedding(denoiser: "Denoiser", params, example_z):
+  """`params` (e.g. the teacher's) plus a zero step-count embedding: the same function, ready
+  to be told how many steps it samples with."""
+  fresh = jax.eval_shape(lambda: denoiser.init(jax.random.key(0), example_z, True)["params"])
+  table = fresh["step_embedding"]["embedding"]
+  table = getattr(table, "value", table)     # unbox logical partitioning metadata
+  return {**params, "step_embedding": {"embedding": jnp.zeros(table.shape, table.dtype)}}
 
 
 def make_denoiser(model_config, data_shape, parameterization: str) -> Denoiser:

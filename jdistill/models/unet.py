@@ -57,6 +57,20 @@ def logsnr_embedding(logsnr, dim: int, max_period: float = 10000.0):
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
+MAX_STEPS = 16   # largest sampler step count a step-conditioned generator can be told
+
+
+def add_step_embedding(emb, steps: Optional[jnp.ndarray], dtype):
+  """emb + E[K] for a step-conditioned generator (TDM-unify): K is the sampler's step count.
+  E starts at zero, so a generator initialised from the teacher starts as the teacher."""
+  if steps is None:
+    return emb
+  table = nn.Embed(MAX_STEPS + 1, emb.shape[-1], dtype=dtype, name="step_embedding",
+                   embedding_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               ("classes", "embed_out")))
+  return emb + table(jnp.clip(steps, 0, MAX_STEPS).astype(jnp.int32))
+
+
 class ResBlock(nn.Module):
   features: int
   groups: int
@@ -110,7 +124,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, z, logsnr, label: Optional[jnp.ndarray] = None, train: bool = False,
-               capture_features: bool = False):
+               capture_features: bool = False, steps: Optional[jnp.ndarray] = None):
     emb_dim = 4 * self.channels
     emb = logsnr_embedding(logsnr, self.channels)
     emb = dense(emb_dim, self.dtype)(emb)
@@ -121,6 +135,7 @@ class UNet(nn.Module):
       emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype,
                            embedding_init=nn.with_logical_partitioning(
                                nn.initializers.normal(0.02), ("classes", "embed_out")))(label)
+    emb = add_step_embedding(emb, steps, self.dtype)
 
     h = conv(self.channels, self.dtype)(z.astype(self.dtype))
     skips = [h]

@@ -8,6 +8,9 @@ generator step (two time-scales).
 A K-step generator maps z at t_k = (K - k) / K to x. Backward simulation: k_i ~ U{0..K-1} per
 example and z_{t_k} comes from k generator steps run without gradient (DMD2 re-noises each x_hat
 with fresh noise; TDM follows its own deterministic DDIM trajectory). Only the last step trains.
+TDM-unify (beyond the papers): with `unify_steps` = (1, 2, 4), K itself is drawn per example and
+both the generator and the critic are told K (a zero-initialised step embedding), so one
+generator samples well with each K.
 
 DMD2 generator step, x = G(z_{t_k}):
   t ~ U[t_min, t_max],  z_t = alpha_t x + sigma_t eps,
@@ -36,6 +39,7 @@ from absl import logging
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss, x_mse_weight
 from jdistill.diffusion.parameterization import broadcast_to_data
 from jdistill.diffusion.sampling import ddim_step, renoise_step, sample
+from jdistill.models.denoiser import with_step_embedding
 from jdistill.objectives.denoising import forward_process
 from jdistill.train import state as state_lib
 from jdistill.train.state import TrainState
@@ -73,6 +77,7 @@ class DistributionMatchingObjective:
   huber_c: float = 0.03
   ema_decay: float = 0.999
   remat: bool = False
+  unify_steps: tuple = ()          # TDM-unify: K drawn per example from these, told to both nets
 
   # ---------------------------------------------------------------- state
   def new_state(self, teacher_params, rng=None) -> DistributionMatchingState:
@@ -81,6 +86,9 @@ class DistributionMatchingObjective:
     if self.gan_weight > 0:
       channels = self.bottleneck_channels(teacher_params)
       gan_head = {"w": 0.01 * jax.random.normal(rng, (channels, 1)), "b": jnp.zeros((1,))}
+    if self.unify_steps:
+      teacher_params = with_step_embedding(self.denoiser, teacher_params,
+                                           jnp.zeros((1, *self.data_shape)))
     return DistributionMatchingState(
         step=jnp.zeros((), jnp.int32),
         generator=state_lib.create(teacher_params, self.generator_optimizer),
@@ -100,34 +108,42 @@ class DistributionMatchingObjective:
     return features.shape[-1]
 
   # ---------------------------------------------------------------- the networks
-  def _predict(self, params, z, t, label, guidance=0.0):
+  def _predict(self, params, z, t, label, guidance=0.0, steps=None):
+    """`steps` (K per example) reaches only step-conditioned params: never the teacher's."""
     logsnr = self.schedule(t)
     if guidance:
-      return self.denoiser.predict_guided(params, z, logsnr, label, guidance)
-    fn = jax.checkpoint(self.denoiser.predict) if self.remat else self.denoiser.predict
-    return fn(params, z, logsnr, label)
+      return self.denoiser.predict_guided(params, z, logsnr, label, guidance, steps)
+    predict = lambda p, z, logsnr, label, steps: self.denoiser.predict(p, z, logsnr, label, steps=steps)
+    fn = jax.checkpoint(predict) if self.remat else predict
+    return fn(params, z, logsnr, label, steps)
 
-  def rollout(self, params, noise, label, rng):
+  def draw_step_counts(self, rng, batch):
+    """K per example: `generator_steps`, or uniform over `unify_steps` (TDM-unify)."""
+    if not self.unify_steps:
+      return jnp.full((batch,), self.generator_steps, jnp.int32)
+    return jnp.asarray(self.unify_steps, jnp.int32)[
+        jax.random.randint(rng, (batch,), 0, len(self.unify_steps))]
+
+  def rollout(self, params, noise, label, steps, rng):
     """(z_{t_k}, t_k) per example, k ~ U{0..K-1}, from k generator steps without gradient."""
-    k_steps = self.generator_steps
     batch = noise.shape[0]
     rng_k, rng_noise = jax.random.split(rng)
-    k = jax.random.randint(rng_k, (batch,), 0, k_steps)
+    k = jnp.floor(jax.random.uniform(rng_k, (batch,)) * steps).astype(jnp.int32)
+    k_total = steps.astype(jnp.float32)
     params = jax.lax.stop_gradient(params)
     z, z_k = noise, noise
-    for j in range(k_steps - 1):
-      t_j = jnp.full((batch,), (k_steps - j) / k_steps)
-      s_j = jnp.full((batch,), (k_steps - j - 1) / k_steps)
-      pred = self._predict(params, z, t_j, label)
+    for j in range(max(self.unify_steps or (self.generator_steps,)) - 1):
+      pred = self._predict(params, z, (k_total - j) / k_total, label, steps=steps)
+      s_j = jnp.maximum(k_total - j - 1, 0.0) / k_total
       if self.variant == "dmd2":
         z = renoise_step(pred, self.schedule(s_j), jax.random.normal(jax.random.fold_in(rng_noise, j), z.shape))
       else:
         z = ddim_step(pred, self.schedule(s_j))
       z_k = jnp.where(broadcast_to_data(k == j + 1, z), z, z_k)
-    return jax.lax.stop_gradient(z_k), (k_steps - k).astype(jnp.float32) / k_steps
+    return jax.lax.stop_gradient(z_k), (k_total - k) / k_total
 
-  def generate(self, params, z_k, t_k, label):
-    return self._predict(params, z_k, t_k, label).x0
+  def generate(self, params, z_k, t_k, label, steps):
+    return self._predict(params, z_k, t_k, label, steps=steps).x0
 
   def gan_logit(self, critic_params, z_t, t, label):
     _, (features,) = self.denoiser.predict_with_features(critic_params["score"], z_t, self.schedule(t), label)
@@ -141,10 +157,10 @@ class DistributionMatchingObjective:
     return z_t, t, logsnr
 
   # ---------------------------------------------------------------- losses
-  def critic_loss(self, critic_params, x_generated, x_data, label, rng):
+  def critic_loss(self, critic_params, x_generated, x_data, label, steps, rng):
     rng_noise, rng_gan = jax.random.split(rng)
     z_t, t, logsnr = self._noise(x_generated, rng_noise, 0.0, 1.0)
-    pred = self._predict(critic_params["score"], z_t, t, label)
+    pred = self._predict(critic_params["score"], z_t, t, label, steps=steps)
     if self.variant == "dmd2":
       per_example = weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting)
     else:     # TDM: x0-MSE with min(SNR, 5); t is uniform, so the importance weight is 1
@@ -160,12 +176,13 @@ class DistributionMatchingObjective:
       metrics["critic_gan_loss"] = gan
     return loss, metrics
 
-  def generator_loss(self, params, critic_params, teacher_params, z_k, t_k, noise, label, rng):
+  def generator_loss(self, params, critic_params, teacher_params, z_k, t_k, noise, label, steps,
+                     rng):
     rng_noise, rng_gan = jax.random.split(rng)
-    x = self.generate(params, z_k, t_k, label)
+    x = self.generate(params, z_k, t_k, label, steps)
     z_t, t, _ = self._noise(jax.lax.stop_gradient(x), rng_noise, self.t_min, self.t_max)
     x_real = self._predict(teacher_params, z_t, t, label, self.guidance).x0
-    x_fake = self._predict(critic_params["score"], z_t, t, label).x0
+    x_fake = self._predict(critic_params["score"], z_t, t, label, steps=steps).x0
     x_real, x_fake = jax.lax.stop_gradient(x_real), jax.lax.stop_gradient(x_fake)
     axes = tuple(range(1, x.ndim))
     if self.variant == "dmd2":
@@ -181,7 +198,7 @@ class DistributionMatchingObjective:
     metrics = {"generator_dm_loss": loss,
                "score_difference": jnp.mean(jnp.sqrt(per_example_mse(x_real, x_fake)))}
     if self.regression_weight > 0:      # DMD1: x from pure noise vs the teacher's ODE sample
-      x_from_noise = self.generate(params, noise, jnp.ones((noise.shape[0],)), label)
+      x_from_noise = self.generate(params, noise, jnp.ones((noise.shape[0],)), label, steps)
       x_ode = jax.lax.stop_gradient(sample(
           lambda z, logsnr: self.denoiser.predict(teacher_params, z, logsnr, label), self.schedule,
           noise, self.regression_steps, clip_x=False))
@@ -200,14 +217,15 @@ class DistributionMatchingObjective:
     del stage
     teacher = frozen["teacher"]
     label = batch["label"] if self.denoiser.num_classes else None
-    rng_noise, rng_roll, rng_critic, rng_gen = jax.random.split(rng, 4)
+    rng_noise, rng_steps, rng_roll, rng_critic, rng_gen = jax.random.split(rng, 5)
     noise = jax.random.normal(rng_noise, batch["x"].shape)
+    steps = self.draw_step_counts(rng_steps, noise.shape[0])
 
     # the critic: denoise the generator's current samples
-    z_k, t_k = self.rollout(state.generator.params, noise, label, rng_roll)
-    x_generated = jax.lax.stop_gradient(self.generate(state.generator.params, z_k, t_k, label))
+    z_k, t_k = self.rollout(state.generator.params, noise, label, steps, rng_roll)
+    x_generated = jax.lax.stop_gradient(self.generate(state.generator.params, z_k, t_k, label, steps))
     (critic_loss, critic_metrics), critic_grads = jax.value_and_grad(self.critic_loss, has_aux=True)(
-        state.critic.params, x_generated, batch["x"], label, rng_critic)
+        state.critic.params, x_generated, batch["x"], label, steps, rng_critic)
     critic_lr = state_lib.learning_rate(self.critic_optim, state.step, self.num_steps)
     critic = state_lib.apply_gradients(state.critic, critic_grads, self.critic_optimizer, None,
                                        critic_lr)
@@ -215,7 +233,7 @@ class DistributionMatchingObjective:
     # the generator: every `critic_updates_per_generator` steps, against the updated critic
     def generator_update(_):
       (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
-          state.generator.params, critic.params, teacher, z_k, t_k, noise, label, rng_gen)
+          state.generator.params, critic.params, teacher, z_k, t_k, noise, label, steps, rng_gen)
       lr = state_lib.learning_rate(self.generator_optim, state.generator.step,
                                    self.num_steps // self.critic_updates_per_generator)
       generator = state_lib.apply_gradients(state.generator, grads, self.generator_optimizer,
@@ -251,7 +269,8 @@ def make_objective(exp, num_steps):
       critic_updates_per_generator=d.critic_updates_per_generator, t_min=d.t_min, t_max=d.t_max,
       guidance=c.diffusion.guidance, critic_weighting=d.critic_weighting,
       regression_weight=d.regression_weight, regression_steps=d.regression_steps,
-      gan_weight=d.gan_weight, huber_c=d.huber_c, ema_decay=c.optim.ema_decay, remat=d.remat)
+      gan_weight=d.gan_weight, huber_c=d.huber_c, ema_decay=c.optim.ema_decay, remat=d.remat,
+      unify_steps=tuple(d.unify_steps))
 
 
 def train(config, workdir: str):
