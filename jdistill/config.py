@@ -2,6 +2,10 @@
 `base_config(preset)`; `validate` runs before any compute and names the offending field."""
 from __future__ import annotations
 
+import math
+import os
+import re
+
 import ml_collections
 
 from jdistill.diffusion.losses import WEIGHTINGS
@@ -9,6 +13,8 @@ from jdistill.diffusion.parameterization import PARAMETERIZATIONS
 from jdistill.diffusion.schedules import SCHEDULES
 
 PRESETS = ("digits", "toy2d", "mnist", "cifar10", "imagenet64")
+BUNDLED_DIGITS_TEACHER = os.path.join(os.path.dirname(__file__), "assets", "digits_teacher.msgpack")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -146,6 +152,76 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
   return config
 
 
+def multi_teacher_config(preset: str = "digits") -> ml_collections.ConfigDict:
+  """Defaults of multi-teacher distillation from cached predictions (configs/multi_teacher.py)."""
+  config = base_config(preset)
+  config.method = "multi_teacher"
+  config.cache = ml_collections.ConfigDict(dict(
+      dir="",                   # "": <workdir>/cache
+      encoder="identity",       # or "package.module:factory" returning a jdistill.data.cache.Encoder
+      dtype="float32",          # latents, noise and predictions on disk: float32, float16, bfloat16
+      buckets=(config.data.resolution or 8,),   # resolutions (side, or "HxW"); one per batch
+      noise_draws=8,            # (t, eps) draws per sample: sample_id = "<index>:<draw>"
+      base_seed=0,              # seed = first 32 bits of sha256(f"{sample_id}|{base_seed}")
+      records_per_shard=1024,   # latent records per shard (teacher shards: x noise_draws)
+      build_batch_size=256,
+      skip_existing=True,       # resume a killed build shard by shard
+      read_threads=2,           # grain threads reading and batching ahead of the train step
+  ))
+  config.multi_teacher = ml_collections.ConfigDict(dict(
+      # id -> checkpoint (exported .msgpack or Orbax run dir) and weight (normalised to sum 1)
+      teachers=ml_collections.ConfigDict(),
+      student_init="",          # "": the heaviest teacher (ties: first id); "random"; or a checkpoint
+      loss="mse",               # mse, or huber (of the weighted error, delta huber_delta)
+      huber_delta=0.1,
+      loss_weighting="v_mse",   # w(logsnr) on ||x_student - x_target||^2 (diffusion/losses.py)
+      evaluate_teachers=True,   # FD of every teacher (teacher.sampling_steps) in the summary
+  ))
+  config.optim.update(lr=2e-4, warmup_steps=50, schedule="cosine", final_lr_fraction=0.1,
+                      ema_decay=0.998)
+  config.teacher.sampling_steps = 64
+  config.eval.update(steps_during_training=(16,), final_steps=(64, 16))
+  config.train.update(num_steps=1000, log_every=50, eval_every=500, save_every=250)
+  if preset == "digits":        # the bundled teacher and two fine-tunes of it (configs/multi_teacher.py)
+    config.data.batch_size = 64
+    config.multi_teacher.teachers = ml_collections.ConfigDict({
+        "base": dict(checkpoint=BUNDLED_DIGITS_TEACHER, weight=2.0),
+        "ft1": dict(checkpoint="runs/mt_teachers/ft1/teacher.msgpack", weight=1.0),
+        "ft2": dict(checkpoint="runs/mt_teachers/ft2/teacher.msgpack", weight=1.0)})
+  return config
+
+
+def _validate_multi_teacher(config, check):
+  teachers = config.multi_teacher.teachers
+  check(len(teachers) > 0, "multi_teacher.teachers",
+        "no teachers; give id -> {checkpoint: ..., weight: ...}")
+  for teacher_id in teachers:
+    field = f"multi_teacher.teachers.{teacher_id}"
+    check(re.fullmatch(r"[A-Za-z0-9_.-]+", teacher_id) is not None, field,
+          "an id is letters, digits, '_', '.' and '-' (it names a directory)")
+    check(bool(teachers[teacher_id].get("checkpoint")), f"{field}.checkpoint",
+          "empty; give a .msgpack or an Orbax run directory")
+    weight = teachers[teacher_id].get("weight")
+    check(isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0,
+          f"{field}.weight", f"must be a number >= 0, got {weight!r}")
+  check(sum(teachers[t].weight for t in teachers) > 0, "multi_teacher.teachers",
+        "all weights are 0; at least one teacher needs a weight > 0")
+  check(config.multi_teacher.loss in ("mse", "huber"), "multi_teacher.loss",
+        f"unknown {config.multi_teacher.loss!r}; use mse or huber")
+  check(config.multi_teacher.huber_delta > 0, "multi_teacher.huber_delta", "must be > 0")
+  check(config.multi_teacher.loss_weighting in WEIGHTINGS, "multi_teacher.loss_weighting",
+        f"unknown {config.multi_teacher.loss_weighting!r}; choose one of {WEIGHTINGS}")
+  c = config.cache
+  check(c.dtype in CACHE_DTYPES, "cache.dtype", f"unknown {c.dtype!r}; choose one of {CACHE_DTYPES}")
+  for field in ("noise_draws", "records_per_shard", "build_batch_size", "read_threads"):
+    check(c[field] >= 1, f"cache.{field}", f"must be >= 1, got {c[field]}")
+  from jdistill.data.cache import CacheError, parse_buckets
+  try:
+    parse_buckets(c.buckets)
+  except CacheError as e:
+    raise ConfigError(str(e)) from e
+
+
 def _validate_distribution_matching(d, check):
   from jdistill.models.unet import MAX_STEPS
   check(d.variant in ("dmd2", "tdm"), "dmd.variant", f"unknown {d.variant!r}; use dmd2 or tdm")
@@ -194,6 +270,8 @@ def validate(config, num_devices: int):
   check(config.features.schedule in ("linear", "cosine"), "features.schedule",
         f"unknown {config.features.schedule!r}; use linear or cosine")
   check(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0: off)")
+  if "multi_teacher" in config:
+    _validate_multi_teacher(config, check)
   if "dmd" in config:
     _validate_distribution_matching(config.dmd, check)
   check(config.eval.features in ("digits", "raw", "inception"), "eval.features",

@@ -25,14 +25,8 @@ METHODS = {
     "teacher": "jdistill.train.teacher",
     "progressive": "jdistill.objectives.progressive",
     "dmd": "jdistill.objectives.distribution_matching",
+    "multi_teacher": "jdistill.objectives.multi_teacher",
 }
-
-
-def initialise_distributed():
-  if FLAGS.coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
 class _QuietLibraries:
@@ -45,7 +39,8 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
-    initialise_distributed()
+    from jdistill.train.setup import initialise_distributed
+    initialise_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
   if config.method not in METHODS:
     raise app.UsageError(f"config.method: unknown method {config.method!r}; choose from {sorted(METHODS)}")

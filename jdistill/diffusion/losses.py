@@ -5,6 +5,8 @@ With SNR = exp(logsnr):  ||eps_hat - eps||^2 = SNR ||x_hat - x||^2  and
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 
 WEIGHTINGS = ("eps_mse", "x_mse", "v_mse", "snr_trunc", "min_snr")
@@ -29,6 +31,19 @@ def per_example_mse(a, b):
   return jnp.mean(jnp.square(a - b), axis=tuple(range(1, a.ndim)))
 
 
-def weighted_x_loss(x_hat, x_target, logsnr, weighting: str, min_snr_gamma: float = 5.0):
-  """Per-example w(logsnr) * mean((x_hat - x_target)^2)."""
-  return x_mse_weight(weighting, logsnr, min_snr_gamma) * per_example_mse(x_hat, x_target)
+def per_example_huber(error, delta: float):
+  """mean(huber_delta(error)), scaled to equal mean(error^2) where |error| <= delta."""
+  abs_error = jnp.abs(error)
+  huber = jnp.where(abs_error <= delta, jnp.square(error), 2.0 * delta * abs_error - delta**2)
+  return jnp.mean(huber, axis=tuple(range(1, error.ndim)))
+
+
+def weighted_x_loss(x_hat, x_target, logsnr, weighting: str, min_snr_gamma: float = 5.0,
+                    huber_delta: Optional[float] = None):
+  """Per-example w(logsnr) * mean((x_hat - x_target)^2); with `huber_delta`, the Huber loss of the
+  weighted error sqrt(w) (x_hat - x_target) instead (for v_mse: of v_hat - v_target)."""
+  weight = x_mse_weight(weighting, logsnr, min_snr_gamma)
+  if huber_delta is None:
+    return weight * per_example_mse(x_hat, x_target)
+  scale = jnp.sqrt(weight).reshape(weight.shape + (1,) * (x_hat.ndim - weight.ndim))
+  return per_example_huber(scale * (x_hat - x_target), huber_delta)

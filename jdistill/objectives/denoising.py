@@ -47,7 +47,10 @@ class DenoisingObjective:
   curriculum: Any = None           # None: t ~ U(0, 1); else an AdaptiveCurriculumScheduler
 
   def init_state(self, rng, frozen=None):
-    params = self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"]
+    return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
+
+  def new_state(self, params):
+    """A fresh state (optimizer, EMA, curriculum) around `params` (a fine-tune starts from a teacher)."""
     return curriculum_lib.attach(self.curriculum, state_lib.create(params, self.optimizer))
 
   def loss(self, params, batch, rng, curriculum_state=None):

@@ -60,7 +60,7 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
         seed: int = 0, log_every: int = 100, eval_every: int = 0, save_every: int = 1000,
         metric_prefix: str = "", global_step_offset: int = 0, on_best=None, best_metric=None,
         meta: Optional[dict] = None, initial_state: Optional[Callable] = None,
-        early_stopping_patience: int = 0):
+        early_stopping_patience: int = 0, prefetch_threads: int = 2):
   """Trains `num_steps` steps, checkpointing under `workdir`; resumes from its latest checkpoint.
 
   `evaluate(params, step) -> (scalars, images)` runs every `eval_every` steps and at the end.
@@ -69,7 +69,7 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
   `initial_state()` (already sharded) replaces `objective.init_state` for a fresh run (a student
   initialised from its teacher). With `early_stopping_patience` > 0 the run ends after that many
   evaluations without a better `best_metric` (the best checkpoint is kept by `on_best`).
-  Returns (state, last_eval_scalars).
+  `prefetch_threads` grain threads read and batch ahead of the step. Returns (state, last_eval_scalars).
   """
   compiled = compiled or compile_step(objective, mesh)
   manager = ckpt_lib.manager(f"{workdir}/checkpoints")
@@ -88,7 +88,7 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
     state = initial_state()
   else:
     state = init_state(objective, compiled, jax.random.key(seed))
-  iterator = pipeline.make_iterator(train_data, iterator_state)
+  iterator = pipeline.make_iterator(train_data, iterator_state, prefetch_threads)
   base_rng = jax.random.key(seed + 1)
   frozen = {} if frozen is None else frozen
   stage = {} if stage is None else stage
@@ -114,7 +114,7 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
       t_log, step_log = time.time(), done
       eta = (num_steps - done) / max(rate, 1e-9)
       logging.info("%sstep %d/%d  %s  %.2f steps/s  ETA %s", metric_prefix, done, num_steps,
-                   "  ".join(f"{k}={v:.4g}" for k, v in summary.items()), rate, _hms(eta))
+                   "  ".join(f"{k}={v:.4g}" for k, v in summary.items()), rate, hms(eta))
       writer.write_scalars(global_step_offset + done,
                            {metric_prefix + k: v for k, v in summary.items()})
     if save_every and done % save_every == 0 and done != num_steps:
@@ -157,6 +157,6 @@ def _summarise(metrics_list, step):
   return {k: float(np.mean([m[k] for m in stacked])) for k in keys}
 
 
-def _hms(seconds):
+def hms(seconds):
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

@@ -70,7 +70,9 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
                     config.model.num_classes, train_source.num_classes)
   denoiser = make_denoiser(config.model, train_source.data_shape, config.diffusion.parameterization)
   schedule = make_schedule(config.diffusion.schedule)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  # a tool run (sampling, caching: record_config=False) leaves no event file in the run directory
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0 or not record_config)
   sampler = Sampler(denoiser, schedule, train_source.data_shape, clip_x=config.diffusion.clip_x,
                     guidance=config.diffusion.guidance, batch_size=config.eval.batch_size)
   if record_config:
@@ -81,6 +83,14 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
                      config.eval.inception_weights)
   return Experiment(config, workdir, mesh, train_source, test_source, denoiser, schedule, writer,
                     sampler, fd)
+
+
+def initialise_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """jax.distributed.initialize() (auto-detected on TPU pods / SLURM, or explicit); CPU uses gloo."""
+  if coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
 
 
 def flat_hparams(tree, prefix=""):

@@ -1,5 +1,6 @@
 """Teacher training driver: the denoising objective through the generic loop, then an FD table
-over DDIM step counts, and an exported EMA teacher (`workdir/teacher.msgpack` + `teacher.json`)."""
+over DDIM step counts, and an exported EMA teacher (`workdir/teacher.msgpack` + `teacher.json`).
+With `config.teacher.checkpoint` set, training fine-tunes that teacher instead of starting afresh."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from etils import epath
 from flax import serialization
 
 from jdistill import curriculum as curriculum_lib
+from jdistill.config import BUNDLED_DIGITS_TEACHER
 from jdistill.eval import evaluate as eval_lib
 from jdistill.objectives.denoising import DenoisingObjective
 from jdistill.train import checkpoint as ckpt_lib
@@ -47,10 +49,16 @@ def train(config, workdir: str):
   exp = setup.build(config, workdir)
   num_steps = config.train.num_steps
   objective = objective_for(exp, num_steps)
+  compiled = loop.compile_step(objective, exp.mesh)
+  initial_state = None
+  if config.teacher.checkpoint:        # fine-tune: start from a trained teacher's EMA params
+    make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
+    initial_state = lambda: make_state(load_teacher(exp))
   start = time.time()
   state, _ = loop.run(
       objective, workdir=workdir, mesh=exp.mesh, train_data=exp.train_data(), num_steps=num_steps,
       writer=exp.writer, evaluate=fd_callback(exp, config.eval.steps_during_training),
+      compiled=compiled, initial_state=initial_state,
       seed=config.seed, log_every=config.train.log_every, eval_every=config.train.eval_every,
       save_every=config.train.save_every, meta={"method": "teacher", "config": config.to_json()})
   train_seconds = time.time() - start
@@ -97,10 +105,6 @@ def _train_examples(exp):
   return pipeline.all_examples(exp.train_source, exp.config.eval.num_samples)["x"]
 
 
-BUNDLED_DIGITS_TEACHER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
-                                      "digits_teacher.msgpack")
-
-
 def bundled_teacher_path(config):
   """The bundled digits teacher if the config's model and diffusion match the ones it was trained
   with; None for other presets. A mismatch is an error naming the field."""
@@ -127,20 +131,24 @@ def load_exported(path, abstract_params):
   return place_like(params, abstract_params, f"teacher {path}")
 
 
+def load_checkpoint(path, abstract_params):
+  """EMA params from an exported .msgpack, or an Orbax run / checkpoints directory."""
+  if path.endswith(".msgpack"):
+    logging.info("Params: %s", path)
+    return load_exported(path, abstract_params)
+  logging.info("Params: EMA params of the Orbax checkpoint in %s", path)
+  run_checkpoints = os.path.join(path, "checkpoints")
+  return ckpt_lib.restore_params(
+      run_checkpoints if epath.Path(run_checkpoints).is_dir() else path, abstract_params)
+
+
 def load_teacher(exp):
   """The teacher's EMA params: config.teacher.checkpoint (an Orbax run dir or a .msgpack), else
   the bundled digits teacher (digits data only); otherwise a clear error saying how to train one."""
   c = exp.config
   abstract = exp.abstract_params()
-  path = c.teacher.checkpoint
-  if path:
-    if path.endswith(".msgpack"):
-      logging.info("Teacher: %s", path)
-      return load_exported(path, abstract)
-    logging.info("Teacher: EMA params of the Orbax checkpoint in %s", path)
-    run_checkpoints = os.path.join(path, "checkpoints")
-    return ckpt_lib.restore_params(
-        run_checkpoints if epath.Path(run_checkpoints).is_dir() else path, abstract)
+  if c.teacher.checkpoint:
+    return load_checkpoint(c.teacher.checkpoint, abstract)
   bundled = bundled_teacher_path(c)
   if bundled:
     logging.info("Teacher: the bundled digits teacher %s (reproduce with "

@@ -1,0 +1,76 @@
+"""Teacher-prediction caches for multi-teacher distillation (docs/cache_format.md):
+
+  python -m jdistill.cache build-latents --config=configs/multi_teacher.py --workdir=runs/mt
+  python -m jdistill.cache build-teacher --config=configs/multi_teacher.py --teacher=<id> --workdir=runs/mt
+  python -m jdistill.cache verify --workdir=runs/mt [--teacher=<id>]
+
+The caches go to `config.cache.dir`, by default `<workdir>/cache` (verify: `--cache_dir` or
+`--config` to point elsewhere). Builds are batched, jit-compiled and sharded over this process's
+devices; with `--distributed` every process writes its own shards. A rerun resumes a killed build
+(`config.cache.skip_existing`). `verify` lists every bad record by file and exits with status 1.
+"""
+from __future__ import annotations
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+COMMANDS = ("build-latents", "build-teacher", "verify")
+config_flags.DEFINE_config_file("config", None, "configs/multi_teacher.py[:preset] (build commands).")
+flags.DEFINE_string("workdir", None, "The run directory; the caches go to <workdir>/cache.")
+flags.DEFINE_string("teacher", None, "Teacher id (build-teacher: required; verify: default all).")
+flags.DEFINE_string("cache_dir", None, "verify: the cache directory (default: from --config or --workdir).")
+flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (multi-process / multi-host).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+FLAGS = flags.FLAGS
+
+
+def verify(directory: str, teacher_ids=None) -> int:
+  """Prints every problem; 0 if there is none, else 1."""
+  from jdistill.data import cache as cache_lib
+  problems = cache_lib.verify(directory, teacher_ids)
+  for line in problems:
+    print(line)
+  if problems:
+    print(f"verify: {len(problems)} problem(s) in {directory}")
+    return 1
+  print(f"verify: {directory} is complete and sound")
+  return 0
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m jdistill.cache {{{','.join(COMMANDS)}}} --workdir=... [flags]")
+  command = argv[1]
+  if FLAGS.distributed:
+    from jdistill.train.setup import initialise_distributed
+    initialise_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  config = FLAGS.config
+  if command == "verify":
+    if not (FLAGS.cache_dir or FLAGS.workdir):
+      raise app.UsageError("verify needs --workdir or --cache_dir")
+    from jdistill.objectives.multi_teacher import cache_dir
+    return verify(FLAGS.cache_dir or cache_dir(config, FLAGS.workdir),
+                  [FLAGS.teacher] if FLAGS.teacher else None)
+  if config is None or FLAGS.workdir is None:
+    raise app.UsageError(f"{command} needs --config and --workdir")
+  if "cache" not in config:
+    raise app.UsageError("--config: not a multi-teacher config (no config.cache); "
+                         "use configs/multi_teacher.py")
+  logging.info("jdistill.cache %s on %d %s device(s), %d process(es)", command, jax.device_count(),
+               jax.devices()[0].platform, jax.process_count())
+  from jdistill.objectives import multi_teacher
+  if command == "build-latents":
+    multi_teacher.build_latents_cache(config, FLAGS.workdir)
+  else:
+    if FLAGS.teacher not in config.multi_teacher.teachers:
+      raise app.UsageError(f"build-teacher needs --teacher=<id>, one of "
+                           f"{sorted(config.multi_teacher.teachers)}")
+    multi_teacher.build_teacher_cache(config, FLAGS.workdir, FLAGS.teacher)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,224 @@
+"""Multi-teacher distillation from cached predictions: one student regresses the weighted average of
+K teachers (e.g. fine-tunes of one base model), read from caches built beforehand
+(`python -m jdistill.cache`, jdistill/data/cache.py), so no teacher is in memory while it trains.
+
+A cached example holds (x, t, eps) and every teacher's v_k on z_t = alpha_t x + sigma_t eps; the
+teacher's x prediction is x_k = alpha_t z_t - sigma_t v_k. With weights w_k >= 0, sum_k w_k = 1:
+
+    x_target = sum_k w_k x_k,      loss = E[ lambda(logsnr_t) d(x_hat(z_t), x_target) ]
+
+d: squared error ('mse') or the Huber loss of the weighted error ('huber'); lambda from
+diffusion/losses.py (v_mse by default). Per-teacher losses E[lambda d(x_hat, x_k)] are logged too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jdistill.config import ConfigError
+from jdistill.data import cache as cache_lib
+from jdistill.diffusion.losses import weighted_x_loss
+from jdistill.diffusion.parameterization import from_v
+from jdistill.objectives.denoising import forward_process
+from jdistill.train import checkpoint as ckpt_lib
+from jdistill.train import loop, setup
+from jdistill.train import state as state_lib
+from jdistill.train import teacher as teacher_lib
+
+
+def teacher_weights(teachers):
+  """(ids, sorted; weights w_k normalised to sum 1) from config.multi_teacher.teachers."""
+  ids = tuple(sorted(teachers))
+  raw = np.array([float(teachers[i]["weight"]) for i in ids])
+  for teacher_id, weight in zip(ids, raw):
+    if not weight >= 0:
+      raise ConfigError(f"config.multi_teacher.teachers.{teacher_id}.weight: must be >= 0, got {weight}")
+  if not ids or raw.sum() <= 0:
+    raise ConfigError("config.multi_teacher.teachers: all weights are 0; at least one must be > 0")
+  return ids, raw / raw.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiTeacherObjective:
+  denoiser: Any
+  schedule: Any
+  optimizer: Any
+  optim: Any                      # config.optim (learning-rate schedule)
+  num_steps: int
+  data_shape: tuple
+  teacher_ids: tuple              # the order of batch['teacher_v'][:, k] and frozen['weights'][k]
+  weighting: str = "v_mse"
+  min_snr_gamma: float = 5.0
+  huber_delta: Optional[float] = None   # None: mse
+  ema_decay: float = 0.999
+
+  def init_state(self, rng, frozen=None):
+    return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
+
+  def new_state(self, params):
+    return state_lib.create(params, self.optimizer)
+
+  def targets(self, batch, weights):
+    """(z_t, logsnr_t, x_k of every teacher (B, K, ...), x_target = sum_k w_k x_k) of a cached batch."""
+    x, eps = batch["x"].astype(jnp.float32), batch["eps"].astype(jnp.float32)
+    z_t, logsnr = forward_process(x, batch["t"], eps, self.schedule)
+    teacher_x = jax.vmap(lambda v: from_v(v, z_t, logsnr).x0, in_axes=1, out_axes=1)(
+        batch["teacher_v"].astype(jnp.float32))
+    return z_t, logsnr, teacher_x, jnp.einsum("k,bk...->b...", weights, teacher_x)
+
+  def distance(self, x_hat, x_target, logsnr):
+    """Per example lambda(logsnr) d(x_hat, x_target)."""
+    return weighted_x_loss(x_hat, x_target, logsnr, self.weighting, self.min_snr_gamma,
+                           self.huber_delta)
+
+  def train_step(self, state, batch, rng, frozen, stage):
+    del stage
+    z_t, logsnr, teacher_x, x_target = self.targets(batch, frozen["weights"])
+    label = batch["label"] if self.denoiser.num_classes else None
+
+    def loss_fn(params):
+      pred = self.denoiser.predict(params, z_t, logsnr, label, train=True, rng=rng)
+      return jnp.mean(self.distance(pred.x0, x_target, logsnr)), pred.x0
+
+    (loss, x_hat), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    lr = state_lib.learning_rate(self.optim, state.step, self.num_steps)
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr)
+    metrics = {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr}
+    for k, teacher_id in enumerate(self.teacher_ids):
+      metrics[f"loss_{teacher_id}"] = jnp.mean(self.distance(x_hat, teacher_x[:, k], logsnr))
+    new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)
+    return new_state, metrics
+
+  def eval_params(self, state, frozen=None):
+    return state.ema_params
+
+
+def make_objective(exp, teacher_ids):
+  c, mt = exp.config, exp.config.multi_teacher
+  return MultiTeacherObjective(
+      exp.denoiser, exp.schedule, exp.optimizer(), c.optim, c.train.num_steps, exp.data_shape,
+      tuple(teacher_ids), mt.loss_weighting, c.diffusion.min_snr_gamma,
+      mt.huber_delta if mt.loss == "huber" else None, c.optim.ema_decay)
+
+
+def cache_dir(config, workdir: str) -> str:
+  """config.cache.dir, by default <workdir>/cache (`config` may be None)."""
+  return (config.cache.dir if config is not None else "") or os.path.join(workdir, "cache")
+
+
+def build_latents_cache(config, workdir: str):
+  """`python -m jdistill.cache build-latents`: the train split through config.cache.encoder."""
+  exp = setup.build(config, workdir, evaluator=False, record_config=False)
+  c = config.cache
+  return cache_lib.build_latents(
+      exp.train_source, cache_dir(config, workdir), encoder=cache_lib.make_encoder(c.encoder),
+      buckets=c.buckets, dtype=c.dtype, records_per_shard=c.records_per_shard,
+      batch_size=c.build_batch_size, skip_existing=c.skip_existing,
+      mesh=cache_lib.local_mesh(config.mesh.fsdp), data=config.data.to_dict())
+
+
+def build_teacher_cache(config, workdir: str, teacher_id: str):
+  """`python -m jdistill.cache build-teacher --teacher=<id>`: one teacher's predictions."""
+  exp = setup.build(config, workdir, evaluator=False, record_config=False)
+  exp = dataclasses.replace(exp, mesh=cache_lib.local_mesh(config.mesh.fsdp))   # process-local build
+  checkpoint = config.multi_teacher.teachers[teacher_id].checkpoint
+  c = config.cache
+  return cache_lib.build_teacher(
+      cache_dir(config, workdir), teacher_id, denoiser=exp.denoiser,
+      params=teacher_lib.load_checkpoint(checkpoint, exp.abstract_params()), schedule=exp.schedule,
+      schedule_config=config.diffusion.schedule.to_dict(), buckets=c.buckets, base_seed=c.base_seed,
+      noise_draws=c.noise_draws, checkpoint=checkpoint, dtype=c.dtype, batch_size=c.build_batch_size,
+      skip_existing=c.skip_existing, mesh=exp.mesh)
+
+
+def open_caches(config, workdir, teacher_ids):
+  """The checked caches of `teacher_ids`, built with this config's buckets, seeds, draws, dtype."""
+  c = config.cache
+  return cache_lib.open_training_caches(
+      cache_dir(config, workdir), teacher_ids, buckets=c.buckets, base_seed=c.base_seed,
+      noise_draws=c.noise_draws, schedule_config=config.diffusion.schedule.to_dict(), dtype=c.dtype)
+
+
+def student_checkpoint(config, teacher_ids, weights):
+  """Where a fresh student starts: multi_teacher.student_init, by default the heaviest teacher
+  (ties: the first id); None for 'random'."""
+  spec = config.multi_teacher.student_init
+  if spec == "random":
+    return None
+  return spec or config.multi_teacher.teachers[teacher_ids[int(np.argmax(weights))]].checkpoint
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def train(config, workdir: str):
+  exp = setup.build(config, workdir)
+  mt = config.multi_teacher
+  ids, weights = teacher_weights(mt.teachers)
+  caches = open_caches(config, workdir, ids)
+  if caches.latents["encoder"] != "identity" or any(
+      shape[-1] != exp.data_shape[-1] for shape in caches.latents["latent_shapes"].values()):
+    raise cache_lib.CacheError(
+        f"{caches.cache_dir}: latents of encoder {caches.latents['encoder']!r} with shapes "
+        f"{caches.latents['latent_shapes']}: this driver trains and evaluates (FD) in pixel space, "
+        "so it needs an identity-encoder cache of the configured data")
+  logging.info("Multi-teacher student: teachers %s, %d cached examples x %d teachers",
+               ", ".join(f"{i} (w={w:.3g})" for i, w in zip(ids, weights)),
+               caches.latents["num_records"] * caches.noise_draws, len(ids))
+  objective = make_objective(exp, ids)
+  compiled = loop.compile_step(objective, exp.mesh)
+  initial_state, path = None, student_checkpoint(config, ids, weights)
+  if path:
+    make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
+    initial_state = lambda: make_state(teacher_lib.load_checkpoint(path, exp.abstract_params()))
+  start = time.time()
+  state, _ = loop.run(
+      objective, workdir=workdir, mesh=exp.mesh,
+      train_data=cache_lib.training_dataset(caches, config.data.batch_size, config.seed),
+      num_steps=config.train.num_steps, writer=exp.writer,
+      frozen={"weights": jnp.asarray(weights, jnp.float32)},
+      evaluate=teacher_lib.fd_callback(exp, config.eval.steps_during_training), compiled=compiled,
+      seed=config.seed, log_every=config.train.log_every, eval_every=config.train.eval_every,
+      save_every=config.train.save_every, initial_state=initial_state,
+      prefetch_threads=config.cache.read_threads,
+      meta={"method": "multi_teacher", "weights": dict(zip(ids, map(float, weights)))})
+  train_seconds = time.time() - start
+  student = objective.eval_params(state)
+  rows = teacher_lib.fd_table(exp, student, config.eval.final_steps)
+  teachers = {i: dict(weight=float(w), checkpoint=mt.teachers[i].checkpoint) for i, w in zip(ids, weights)}
+  if mt.evaluate_teachers:
+    for teacher_id in ids:
+      params = teacher_lib.load_checkpoint(mt.teachers[teacher_id].checkpoint, exp.abstract_params())
+      teachers[teacher_id]["fd"] = exp.evaluator.evaluate(params, config.teacher.sampling_steps)[0]["fd"]
+      logging.info("Teacher %s, %d DDIM steps: FD %.4g", teacher_id, config.teacher.sampling_steps,
+                   teachers[teacher_id]["fd"])
+  write_result(workdir, config, rows, teachers, train_seconds, caches)
+  return student
+
+
+def write_result(workdir, config, rows, teachers, train_seconds, caches):
+  """result.json and summary.md: the student's FD per step count next to every teacher's."""
+  if jax.process_index() != 0:
+    return
+  steps = config.teacher.sampling_steps
+  ckpt_lib.write_json(os.path.join(workdir, "result.json"), dict(
+      student=rows, teachers=teachers, teacher_sampling_steps=steps,
+      train_steps=config.train.num_steps, train_seconds=train_seconds,
+      cached_examples=caches.latents["num_records"] * caches.noise_draws))
+  lines = [f"# Multi-teacher distillation: {config.preset}", "",
+           f"{config.train.num_steps} train steps on {caches.latents['num_records']} samples x "
+           f"{caches.noise_draws} cached noise draws, {train_seconds / 60:.1f} min (this invocation); "
+           f"FD on {config.eval.num_samples} samples vs the held-out split", "",
+           "| model | weight | DDIM steps | FD |", "|---|---|---|---|"]
+  lines += [f"| teacher {i} | {t['weight']:.3g} | {steps} | {t['fd']:.4g} |" for i, t in teachers.items()
+            if "fd" in t]
+  lines += [f"| student | | {r['steps']} | {r['fd']:.4g} |" for r in rows]
+  text = "\n".join(lines) + "\n"
+  ckpt_lib.write_text(os.path.join(workdir, "summary.md"), text)
+  logging.info("\n%s", text)
