@@ -63,7 +63,7 @@ def test_generator_gradient_vanishes_when_fake_score_equals_real_score(tmp_path,
 
   def grad_norm(critic_score):
     grads = jax.grad(lambda p: objective.generator_loss(
-        p, {"score": critic_score, "gan_head": {}}, teacher, z_k, t_k, noise, None, steps,
+        p, {"score": critic_score, "gan_head": {}}, teacher, z_k, t_k, None, steps,
         jax.random.key(5))[0])(teacher)
     return float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
 
@@ -189,3 +189,25 @@ def test_unify_generator_starts_as_the_teacher_and_learns_per_step_count(tmp_pat
   told = exp.sampler.sample(state.generator.params, 1, 64)
   blind = exp.sampler.sample(unconditioned, 1, 64)
   assert np.abs(told - blind).max() > 1e-6
+
+
+def test_regression_pairs_are_teacher_ode_samples_and_zero_loss_for_the_teacher(tmp_path):
+  """DMD1 pairs: x is the teacher's `regression_steps`-step DDIM sample of the stored noise; with
+  one step the generator initialised from the teacher already maps each noise onto its x."""
+  from jdistill.diffusion.sampling import sample
+  exp, objective, teacher = _setup(tmp_path, "dmd2", regression_weight=1.0, regression_steps=1)
+  pairs = objective.regression_pairs(teacher, 40, seed=3, batch_size=16)
+  assert pairs["noise"].shape == (40, 2) and pairs["x"].shape == (40, 2)
+  by_hand = sample(lambda z, logsnr: exp.denoiser.predict(teacher, z, logsnr), exp.schedule,
+                   pairs["noise"][:5], 1, clip_x=False)
+  np.testing.assert_allclose(pairs["x"][:5], by_hand, atol=1e-6)
+  steps = objective.draw_step_counts(jax.random.key(0), 8)
+  z_k, t_k = objective.rollout(teacher, jax.random.normal(jax.random.key(1), (8, 2)), None, steps,
+                               jax.random.key(2))
+  _, metrics = objective.generator_loss(teacher, {"score": teacher, "gan_head": {}}, teacher, z_k,
+                                        t_k, None, steps, jax.random.key(4), pairs)
+  assert float(metrics["regression_loss"]) < 1e-10
+  perturbed = jax.tree.map(lambda p: p * 1.1, teacher)
+  _, metrics = objective.generator_loss(perturbed, {"score": teacher, "gan_head": {}}, teacher, z_k,
+                                        t_k, None, steps, jax.random.key(4), pairs)
+  assert float(metrics["regression_loss"]) > 1e-4

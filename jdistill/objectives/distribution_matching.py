@@ -17,7 +17,8 @@ DMD2 generator step, x = G(z_{t_k}):
   x_real = teacher(z_t) (classifier-free guided if conditional),  x_fake = critic(z_t),
   p_real = x - x_real,  p_fake = x - x_fake,  grad = (p_real - p_fake) / mean|p_real|  (per example),
   loss = 0.5 ||x - sg(x - grad)||^2   (its gradient w.r.t. x is `grad`)
-  [+ regression to the teacher's ODE sample from the same noise (DMD1)]
+  [+ regression to the teacher's ODE sample from the same noise (DMD1; a fixed set of pairs
+     computed once before training, `regression_pairs`)]
   [+ non-saturating GAN loss from a head on the critic's bottleneck features]
 TDM generator step, x_s = G(z_{t_k}):
   target = sg(x_s + (x_real - x_fake)),  loss = pseudo_huber(x_s - target) / sg(mean|x_s - x_real|).
@@ -71,7 +72,7 @@ class DistributionMatchingObjective:
   t_max: float = 0.98
   guidance: float = 0.0
   critic_weighting: str = "v_mse"
-  regression_weight: float = 0.0   # DMD1 regression to teacher ODE samples
+  regression_weight: float = 0.0   # DMD1 regression to teacher ODE samples (frozen['regression'])
   regression_steps: int = 32
   gan_weight: float = 0.0
   huber_c: float = 0.03
@@ -100,6 +101,22 @@ class DistributionMatchingObjective:
 
   def eval_params(self, state, frozen=None):
     return state.generator.ema_params
+
+  def regression_pairs(self, teacher_params, num_pairs, seed=0, batch_size=500):
+    """DMD1's fixed pairs {noise, label, x}: x is the teacher's `regression_steps`-step DDIM
+    sample from that noise (guided if conditional), computed once, before training."""
+    rng = jax.random.key(seed)
+    noise = jax.random.normal(rng, (num_pairs, *self.data_shape))
+    label = (jax.random.randint(jax.random.fold_in(rng, 1), (num_pairs,), 0, self.denoiser.num_classes)
+             if self.denoiser.num_classes else jnp.zeros((num_pairs,), jnp.int32))
+    conditional = bool(self.denoiser.num_classes)
+    ode = jax.jit(lambda z, y: sample(
+        lambda z_, logsnr: self.denoiser.predict_guided(teacher_params, z_, logsnr,
+                                                        y if conditional else None, self.guidance),
+        self.schedule, z, self.regression_steps, clip_x=False))
+    x = jnp.concatenate([ode(noise[i:i + batch_size], label[i:i + batch_size])
+                         for i in range(0, num_pairs, batch_size)])
+    return {"noise": noise, "label": label, "x": x}
 
   def bottleneck_channels(self, params):
     z = jnp.zeros((1, *self.data_shape))
@@ -176,9 +193,9 @@ class DistributionMatchingObjective:
       metrics["critic_gan_loss"] = gan
     return loss, metrics
 
-  def generator_loss(self, params, critic_params, teacher_params, z_k, t_k, noise, label, steps,
-                     rng):
-    rng_noise, rng_gan = jax.random.split(rng)
+  def generator_loss(self, params, critic_params, teacher_params, z_k, t_k, label, steps, rng,
+                     regression=None):
+    rng_noise, rng_gan, rng_pairs = jax.random.split(rng, 3)
     x = self.generate(params, z_k, t_k, label, steps)
     z_t, t, _ = self._noise(jax.lax.stop_gradient(x), rng_noise, self.t_min, self.t_max)
     x_real = self._predict(teacher_params, z_t, t, label, self.guidance).x0
@@ -197,14 +214,14 @@ class DistributionMatchingObjective:
       loss = jnp.mean(jnp.mean(huber, axis=axes) / normaliser)
     metrics = {"generator_dm_loss": loss,
                "score_difference": jnp.mean(jnp.sqrt(per_example_mse(x_real, x_fake)))}
-    if self.regression_weight > 0:      # DMD1: x from pure noise vs the teacher's ODE sample
-      x_from_noise = self.generate(params, noise, jnp.ones((noise.shape[0],)), label, steps)
-      x_ode = jax.lax.stop_gradient(sample(
-          lambda z, logsnr: self.denoiser.predict(teacher_params, z, logsnr, label), self.schedule,
-          noise, self.regression_steps, clip_x=False))
-      regression = jnp.mean(per_example_mse(x_from_noise, x_ode))
-      loss = loss + self.regression_weight * regression
-      metrics["regression_loss"] = regression
+    if self.regression_weight > 0:      # DMD1: G(noise) vs the teacher's ODE sample from it
+      pick = jax.random.randint(rng_pairs, (x.shape[0],), 0, regression["x"].shape[0])
+      pair_label = regression["label"][pick] if self.denoiser.num_classes else None
+      k_total = steps.astype(jnp.float32)        # from pure noise: t = 1 on any K-step grid
+      x_from_noise = self.generate(params, regression["noise"][pick], k_total / k_total, pair_label, steps)
+      regression_loss = jnp.mean(per_example_mse(x_from_noise, regression["x"][pick]))
+      loss = loss + self.regression_weight * regression_loss
+      metrics["regression_loss"] = regression_loss
     if self.gan_weight > 0:
       z_gan, t_gan, _ = self._noise(x, rng_gan, self.t_min, self.t_max)
       gan = jnp.mean(jax.nn.softplus(-self.gan_logit(jax.lax.stop_gradient(critic_params), z_gan, t_gan, label)))
@@ -233,7 +250,8 @@ class DistributionMatchingObjective:
     # the generator: every `critic_updates_per_generator` steps, against the updated critic
     def generator_update(_):
       (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
-          state.generator.params, critic.params, teacher, z_k, t_k, noise, label, steps, rng_gen)
+          state.generator.params, critic.params, teacher, z_k, t_k, label, steps, rng_gen,
+          frozen.get("regression"))
       lr = state_lib.learning_rate(self.generator_optim, state.generator.step,
                                    self.num_steps // self.critic_updates_per_generator)
       generator = state_lib.apply_gradients(state.generator, grads, self.generator_optimizer,
@@ -241,11 +259,17 @@ class DistributionMatchingObjective:
       return generator, dict(metrics, generator_loss=loss,
                              generator_grad_norm=state_lib.global_norm(grads))
 
-    generator_metric_shapes = jax.eval_shape(generator_update, None)[1]
-    skip = lambda _: (state.generator, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                                    generator_metric_shapes))
-    update_now = (state.step + 1) % self.critic_updates_per_generator == 0
-    generator, generator_metrics = jax.lax.cond(update_now, generator_update, skip, None)
+    if self.critic_updates_per_generator == 1:
+      # every step: no lax.cond (XLA:CPU leaves the backward convolutions inside a conditional
+      # branch un-canonicalised, which made this step ~4x slower on CPU; benchmarks/README.md)
+      update_now = jnp.ones((), bool)
+      generator, generator_metrics = generator_update(None)
+    else:
+      generator_metric_shapes = jax.eval_shape(generator_update, None)[1]
+      skip = lambda _: (state.generator, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                      generator_metric_shapes))
+      update_now = (state.step + 1) % self.critic_updates_per_generator == 0
+      generator, generator_metrics = jax.lax.cond(update_now, generator_update, skip, None)
 
     new_state = DistributionMatchingState(step=state.step + 1, generator=generator, critic=critic)
     total = critic_loss + generator_metrics["generator_loss"]
@@ -276,7 +300,7 @@ def make_objective(exp, num_steps):
 def train(config, workdir: str):
   from jdistill.eval.evaluate import time_sampling
   from jdistill.train import checkpoint as ckpt_lib
-  from jdistill.train import loop, setup
+  from jdistill.train import loop, partitioning, setup
   from jdistill.train import teacher as teacher_lib
   exp = setup.build(config, workdir)
   d = config.dmd
@@ -286,9 +310,15 @@ def train(config, workdir: str):
   teacher = teacher_lib.load_teacher(exp)
   num_steps = config.train.num_steps
   objective = make_objective(exp, num_steps)
-  compiled = loop.compile_step(objective, exp.mesh, frozen_shardings={"teacher": exp.param_shardings()})
+  frozen, frozen_shardings = {"teacher": teacher}, {"teacher": exp.param_shardings()}
+  if d.regression_weight > 0:
+    start = time.time()
+    frozen["regression"] = objective.regression_pairs(teacher, d.regression_pairs, config.seed + 101)
+    frozen_shardings["regression"] = partitioning.replicated(exp.mesh)
+    logging.info("DMD1 regression pairs: %d teacher ODE samples (%d DDIM steps) in %.0f s",
+                 d.regression_pairs, d.regression_steps, time.time() - start)
+  compiled = loop.compile_step(objective, exp.mesh, frozen_shardings=frozen_shardings)
   make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
-  frozen = {"teacher": teacher}
   # the generator's own step count first: its samples make the TensorBoard grid
   eval_steps = [d.generator_steps] + sorted(set(d.eval_steps) - {d.generator_steps})
   evaluate = teacher_lib.fd_callback(exp, eval_steps, mode=mode)
