@@ -62,3 +62,11 @@ def test_bundled_teacher_refuses_a_different_model_config():
   config.model.channels = 17
   with pytest.raises(ValueError, match="config.model.channels=17"):
     teacher_lib.bundled_teacher_path(config)
+
+
+def test_bundled_checkerboard_teacher_serves_toy2d_and_only_checkerboard():
+  from jdistill.config import base_config
+  config = base_config("toy2d")
+  assert teacher_lib.bundled_teacher_path(config).endswith("checkerboard_teacher.msgpack")
+  config.data.name = "moons"
+  assert teacher_lib.bundled_teacher_path(config) is None

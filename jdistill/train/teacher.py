@@ -106,20 +106,23 @@ def _train_examples(exp):
 
 
 def bundled_teacher_path(config):
-  """The bundled digits teacher if the config's model and diffusion match the ones it was trained
-  with; None for other presets. A mismatch is an error naming the field."""
-  if config.data.source != "digits" or not os.path.exists(BUNDLED_DIGITS_TEACHER):
+  """The bundled teacher of the config's data (digits; the toy2d checkerboard) if the config's
+  model and diffusion match the ones it was trained with; None otherwise. A mismatch is an error
+  naming the field."""
+  name = {"digits": "digits", "toy2d": config.data.name}.get(config.data.source)
+  path = os.path.join(os.path.dirname(BUNDLED_DIGITS_TEACHER), f"{name}_teacher.msgpack")
+  if name is None or not os.path.exists(path):
     return None
-  with open(BUNDLED_DIGITS_TEACHER.replace(".msgpack", ".json")) as f:
+  with open(path.replace(".msgpack", ".json")) as f:
     trained = json.load(f)
   for section in ("model", "diffusion"):
     for key, value in trained[section].items():
       mine = config[section][key]
       mine = mine.to_dict() if hasattr(mine, "to_dict") else mine
       if (list(mine) if isinstance(mine, tuple) else mine) != value:
-        raise ValueError(f"config.{section}.{key}={mine!r}, but the bundled digits teacher was "
+        raise ValueError(f"config.{section}.{key}={mine!r}, but the bundled {name} teacher was "
                          f"trained with {value!r}: set it back, or pass config.teacher.checkpoint")
-  return BUNDLED_DIGITS_TEACHER
+  return path
 
 
 def load_exported(path, abstract_params):
@@ -144,15 +147,16 @@ def load_checkpoint(path, abstract_params):
 
 def load_teacher(exp):
   """The teacher's EMA params: config.teacher.checkpoint (an Orbax run dir or a .msgpack), else
-  the bundled digits teacher (digits data only); otherwise a clear error saying how to train one."""
+  the bundled teacher of the data (digits, toy2d checkerboard); otherwise a clear error saying how
+  to train one."""
   c = exp.config
   abstract = exp.abstract_params()
   if c.teacher.checkpoint:
     return load_checkpoint(c.teacher.checkpoint, abstract)
   bundled = bundled_teacher_path(c)
   if bundled:
-    logging.info("Teacher: the bundled digits teacher %s (reproduce with "
-                 "`python -m jdistill.main --config=configs/teacher.py --workdir=runs/teacher`)", bundled)
+    logging.info("Teacher: the bundled teacher %s (reproduce with `python -m jdistill.main "
+                 "--config=configs/teacher.py:%s --workdir=runs/teacher`)", bundled, c.preset)
     return load_exported(bundled, abstract)
   raise ckpt_lib.CheckpointError(
       "no teacher: set config.teacher.checkpoint to a teacher run directory or .msgpack "
