@@ -191,6 +191,9 @@ def multi_teacher_config(preset: str = "digits") -> ml_collections.ConfigDict:
   config.train.update(num_steps=1000, log_every=50, eval_every=500, save_every=250)
   if preset == "digits":        # the bundled teacher and two fine-tunes of it (configs/multi_teacher.py)
     config.data.batch_size = 64
+    config.cache.noise_draws = 16             # 1297 digits x 16 (t, eps) draws
+    config.optim.lr = 1e-4                    # the student starts from a teacher: small steps
+    config.train.num_steps = 1500
     config.multi_teacher.teachers = ml_collections.ConfigDict({
         "base": dict(checkpoint=BUNDLED_DIGITS_TEACHER, weight=2.0),
         "ft1": dict(checkpoint="runs/mt_teachers/ft1/teacher.msgpack", weight=1.0),

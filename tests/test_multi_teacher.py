@@ -117,9 +117,11 @@ def test_training_on_the_caches_lowers_every_per_teacher_loss(teacher_cache, tmp
   with open(os.path.join(workdir, "result.json")) as f:
     result = json.load(f)
   assert result["student"][0]["steps"] == 2 and np.isfinite(result["student"][0]["fd"])
-  assert result["teachers"]["a"]["weight"] == 0.75 and np.isfinite(result["teachers"]["b"]["fd"])
+  assert result["teachers"]["a"]["weight"] == 0.75 and np.isfinite(result["teachers"]["b"]["fd"]["2"])
   assert result["cached_examples"] == 2 * 1297
-  assert "| student | | 2 |" in open(os.path.join(workdir, "summary.md")).read()
+  summary = open(os.path.join(workdir, "summary.md")).read()
+  mean = np.mean([result["teachers"][t]["fd"]["2"] for t in ("a", "b")])
+  assert f"| mean of the teachers | | {mean:.4g} |" in summary and "| **student** | | **" in summary
 
 
 def test_a_corrupt_record_stops_training_naming_the_file(teacher_cache, tmp_path):

@@ -192,12 +192,12 @@ def train(config, workdir: str):
   student = objective.eval_params(state)
   rows = teacher_lib.fd_table(exp, student, config.eval.final_steps)
   teachers = {i: dict(weight=float(w), checkpoint=mt.teachers[i].checkpoint) for i, w in zip(ids, weights)}
-  if mt.evaluate_teachers:
+  if mt.evaluate_teachers:     # every teacher at the student's step counts: the comparison
     for teacher_id in ids:
       params = teacher_lib.load_checkpoint(mt.teachers[teacher_id].checkpoint, exp.abstract_params())
-      teachers[teacher_id]["fd"] = exp.evaluator.evaluate(params, config.teacher.sampling_steps)[0]["fd"]
-      logging.info("Teacher %s, %d DDIM steps: FD %.4g", teacher_id, config.teacher.sampling_steps,
-                   teachers[teacher_id]["fd"])
+      teachers[teacher_id]["fd"] = {r["steps"]: exp.evaluator.evaluate(params, r["steps"])[0]["fd"]
+                                    for r in rows}
+      logging.info("Teacher %s: FD %s", teacher_id, teachers[teacher_id]["fd"])
   write_result(workdir, config, rows, teachers, train_seconds, caches)
   return student
 
@@ -214,11 +214,16 @@ def write_result(workdir, config, rows, teachers, train_seconds, caches):
   lines = [f"# Multi-teacher distillation: {config.preset}", "",
            f"{config.train.num_steps} train steps on {caches.latents['num_records']} samples x "
            f"{caches.noise_draws} cached noise draws, {train_seconds / 60:.1f} min (this invocation); "
-           f"FD on {config.eval.num_samples} samples vs the held-out split", "",
-           "| model | weight | DDIM steps | FD |", "|---|---|---|---|"]
-  lines += [f"| teacher {i} | {t['weight']:.3g} | {steps} | {t['fd']:.4g} |" for i, t in teachers.items()
-            if "fd" in t]
-  lines += [f"| student | | {r['steps']} | {r['fd']:.4g} |" for r in rows]
+           f"FD (DDIM) on {config.eval.num_samples} samples vs the held-out split", "",
+           "| model | weight | " + " | ".join(f"FD, {r['steps']} steps" for r in rows) + " |",
+           "|---|---|" + "---|" * len(rows)]
+  evaluated = {i: t for i, t in teachers.items() if "fd" in t}
+  lines += [f"| teacher {i} | {t['weight']:.3g} | " + " | ".join(f"{t['fd'][r['steps']]:.4g}" for r in rows)
+            + " |" for i, t in evaluated.items()]
+  if evaluated:
+    lines.append("| mean of the teachers | | " + " | ".join(
+        f"{np.mean([t['fd'][r['steps']] for t in evaluated.values()]):.4g}" for r in rows) + " |")
+  lines.append("| **student** | | " + " | ".join(f"**{r['fd']:.4g}**" for r in rows) + " |")
   text = "\n".join(lines) + "\n"
   ckpt_lib.write_text(os.path.join(workdir, "summary.md"), text)
   logging.info("\n%s", text)
