@@ -15,15 +15,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jdistill.train import setup
+
 COMMANDS = ("build-latents", "build-teacher", "verify")
 config_flags.DEFINE_config_file("config", None, "configs/multi_teacher.py[:preset] (build commands).")
 flags.DEFINE_string("workdir", None, "The run directory; the caches go to <workdir>/cache.")
 flags.DEFINE_string("teacher", None, "Teacher id (build-teacher: required; verify: default all).")
 flags.DEFINE_string("cache_dir", None, "verify: the cache directory (default: from --config or --workdir).")
-flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (multi-process / multi-host).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+setup.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 
@@ -44,9 +43,7 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m jdistill.cache {{{','.join(COMMANDS)}}} --workdir=... [flags]")
   command = argv[1]
-  if FLAGS.distributed:
-    from jdistill.train.setup import initialise_distributed
-    initialise_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  setup.initialise_distributed_from_flags()
   config = FLAGS.config
   if command == "verify":
     if not (FLAGS.cache_dir or FLAGS.workdir):

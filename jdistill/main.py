@@ -12,12 +12,11 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jdistill.train import setup
+
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/<method>.py[:preset]).")
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and summaries go.")
-flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (multi-process / multi-host).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+setup.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -38,9 +37,7 @@ class _QuietLibraries:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if FLAGS.distributed:
-    from jdistill.train.setup import initialise_distributed
-    initialise_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  setup.initialise_distributed_from_flags()
   config = FLAGS.config
   if config.method not in METHODS:
     raise app.UsageError(f"config.method: unknown method {config.method!r}; choose from {sorted(METHODS)}")

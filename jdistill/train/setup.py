@@ -85,12 +85,26 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
                     sampler, fd)
 
 
-def initialise_distributed(coordinator_address=None, num_processes=None, process_id=None):
-  """jax.distributed.initialize() (auto-detected on TPU pods / SLURM, or explicit); CPU uses gloo."""
-  if coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
+def define_distributed_flags():
+  """--distributed and its explicit settings, shared by the jdistill.main and jdistill.cache CLIs."""
+  from absl import flags
+  flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (multi-process / multi-host).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+
+
+def initialise_distributed_from_flags():
+  """With --distributed: jax.distributed.initialize() (auto-detected on TPU pods / SLURM, or the
+  explicit flags); CPU collectives use gloo."""
+  from absl import flags
+  f = flags.FLAGS
+  if not f.distributed:
+    return
+  if f.coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                             num_processes=f.num_processes, process_id=f.process_id)
 
 
 def flat_hparams(tree, prefix=""):
