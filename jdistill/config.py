@@ -142,6 +142,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
       huber_c=0.03,                                    # TDM pseudo-Huber constant
       remat=False,                                     # rematerialise the denoiser passes
       unify_steps=(),          # TDM-unify: e.g. (1, 2, 4), one generator told its step count
+      step_intervals=False,    # TDM: match step k's output only at its noise levels [s_k, t_k]
       eval_steps=(1, 2, 4),
   ))
   config.optim.update(lr=1e-4, warmup_steps=0, schedule="constant", ema_decay=0.99, b1=0.0, b2=0.99)

@@ -211,3 +211,21 @@ def test_regression_pairs_are_teacher_ode_samples_and_zero_loss_for_the_teacher(
   _, metrics = objective.generator_loss(perturbed, {"score": teacher, "gan_head": {}}, teacher, z_k,
                                         t_k, None, steps, jax.random.key(4), pairs)
   assert float(metrics["regression_loss"]) > 1e-4
+
+
+def test_tdm_step_intervals_diffuse_each_step_within_its_own_noise_levels(tmp_path):
+  """step_intervals: x_hat of the step t_k -> t_k - 1/K is diffused only to t in [t_k - 1/K, t_k]
+  (clipped to [t_min, t_max] for the generator); DMD2 keeps the full range."""
+  _, objective, _ = _setup(tmp_path, "tdm", generator_steps=4, step_intervals=True)
+  t_k = jnp.array([1.0, 0.75, 0.5, 0.25])
+  steps = jnp.full((4,), 4)
+  low, high = objective.noise_interval(t_k, steps)
+  np.testing.assert_allclose(low, [0.75, 0.5, 0.25, 0.0], atol=1e-7)
+  np.testing.assert_allclose(high, t_k)
+  low, high = objective.noise_interval(t_k, steps, 0.02, 0.98)
+  np.testing.assert_allclose(low, [0.75, 0.5, 0.25, 0.02], atol=1e-7)
+  np.testing.assert_allclose(high, [0.98, 0.75, 0.5, 0.25])
+  _, t, _ = objective._noise(jnp.zeros((4, 2)), jax.random.key(0), low, high)
+  assert np.all((np.asarray(t) >= np.asarray(low)) & (np.asarray(t) <= np.asarray(high)))
+  _, dmd2, _ = _setup(tmp_path, "dmd2", generator_steps=4, step_intervals=True)
+  assert dmd2.noise_interval(t_k, steps, 0.02, 0.98) == (0.02, 0.98)

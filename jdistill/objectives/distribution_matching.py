@@ -79,6 +79,7 @@ class DistributionMatchingObjective:
   ema_decay: float = 0.999
   remat: bool = False
   unify_steps: tuple = ()          # TDM-unify: K drawn per example from these, told to both nets
+  step_intervals: bool = True      # TDM: diffuse step k's x_hat only within its interval [s_k, t_k]
 
   # ---------------------------------------------------------------- state
   def new_state(self, teacher_params, rng=None) -> DistributionMatchingState:
@@ -167,6 +168,15 @@ class DistributionMatchingObjective:
     pooled = jnp.mean(features, axis=tuple(range(1, features.ndim - 1)))
     return (pooled @ critic_params["gan_head"]["w"] + critic_params["gan_head"]["b"])[:, 0]
 
+  def noise_interval(self, t_k, steps, low=0.0, high=1.0):
+    """Where x_hat of the step from t_k to s_k = t_k - 1/K is diffused to. TDM (step_intervals):
+    [s_k, t_k], the noise levels that step is responsible for, so the critic models each step's
+    own output distribution (no mixture over steps); DMD2: [low, high]."""
+    if self.variant != "tdm" or not self.step_intervals:
+      return low, high
+    s_k = t_k - 1.0 / steps.astype(jnp.float32)
+    return jnp.maximum(s_k, low), jnp.minimum(t_k, high)
+
   def _noise(self, x, rng, low, high):
     rng_t, rng_eps = jax.random.split(rng)
     t = jax.random.uniform(rng_t, (x.shape[0],), minval=low, maxval=high)
@@ -174,9 +184,9 @@ class DistributionMatchingObjective:
     return z_t, t, logsnr
 
   # ---------------------------------------------------------------- losses
-  def critic_loss(self, critic_params, x_generated, x_data, label, steps, rng):
+  def critic_loss(self, critic_params, x_generated, x_data, label, steps, t_k, rng):
     rng_noise, rng_gan = jax.random.split(rng)
-    z_t, t, logsnr = self._noise(x_generated, rng_noise, 0.0, 1.0)
+    z_t, t, logsnr = self._noise(x_generated, rng_noise, *self.noise_interval(t_k, steps))
     pred = self._predict(critic_params["score"], z_t, t, label, steps=steps)
     if self.variant == "dmd2":
       per_example = weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting)
@@ -197,7 +207,8 @@ class DistributionMatchingObjective:
                      regression=None):
     rng_noise, rng_gan, rng_pairs = jax.random.split(rng, 3)
     x = self.generate(params, z_k, t_k, label, steps)
-    z_t, t, _ = self._noise(jax.lax.stop_gradient(x), rng_noise, self.t_min, self.t_max)
+    z_t, t, _ = self._noise(jax.lax.stop_gradient(x), rng_noise,
+                            *self.noise_interval(t_k, steps, self.t_min, self.t_max))
     x_real = self._predict(teacher_params, z_t, t, label, self.guidance).x0
     x_fake = self._predict(critic_params["score"], z_t, t, label, steps=steps).x0
     x_real, x_fake = jax.lax.stop_gradient(x_real), jax.lax.stop_gradient(x_fake)
@@ -242,7 +253,7 @@ class DistributionMatchingObjective:
     z_k, t_k = self.rollout(state.generator.params, noise, label, steps, rng_roll)
     x_generated = jax.lax.stop_gradient(self.generate(state.generator.params, z_k, t_k, label, steps))
     (critic_loss, critic_metrics), critic_grads = jax.value_and_grad(self.critic_loss, has_aux=True)(
-        state.critic.params, x_generated, batch["x"], label, steps, rng_critic)
+        state.critic.params, x_generated, batch["x"], label, steps, t_k, rng_critic)
     critic_lr = state_lib.learning_rate(self.critic_optim, state.step, self.num_steps)
     critic = state_lib.apply_gradients(state.critic, critic_grads, self.critic_optimizer, None,
                                        critic_lr)
@@ -294,7 +305,7 @@ def make_objective(exp, num_steps):
       guidance=c.diffusion.guidance, critic_weighting=d.critic_weighting,
       regression_weight=d.regression_weight, regression_steps=d.regression_steps,
       gan_weight=d.gan_weight, huber_c=d.huber_c, ema_decay=c.optim.ema_decay, remat=d.remat,
-      unify_steps=tuple(d.unify_steps))
+      unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals)
 
 
 def train(config, workdir: str):
