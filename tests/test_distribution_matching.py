@@ -229,3 +229,19 @@ def test_tdm_step_intervals_diffuse_each_step_within_its_own_noise_levels(tmp_pa
   assert np.all((np.asarray(t) >= np.asarray(low)) & (np.asarray(t) <= np.asarray(high)))
   _, dmd2, _ = _setup(tmp_path, "dmd2", generator_steps=4, step_intervals=True)
   assert dmd2.noise_interval(t_k, steps, 0.02, 0.98) == (0.02, 0.98)
+
+
+def test_driver_writes_summary_and_keeps_the_best_generator(tmp_path):
+  """configs/dmd.py:toy2d end to end on the bundled checkerboard teacher (few steps)."""
+  import json
+  config = distribution_matching_config("toy2d", "dmd2")
+  config.train.update(num_steps=20, eval_every=10, save_every=10, log_every=10)
+  config.eval.num_samples = 500
+  config.dmd.update(critic_updates_per_generator=2, eval_steps=(1,))
+  dm.train(config, str(tmp_path))
+  summary = open(tmp_path / "summary.md").read()
+  assert "| teacher (DDIM) | 64 |" in summary and "| dmd2 generator | 1 |" in summary
+  assert "Best evaluated 1-step FD" in summary
+  best = ckpt_lib.manager(str(tmp_path / "best"), asynchronous=False)
+  assert best.latest_step() in (10, 20)
+  assert json.load(open(tmp_path / "config.json"))["dmd"]["variant"] == "dmd2"

@@ -333,14 +333,22 @@ def train(config, workdir: str):
   # the generator's own step count first: its samples make the TensorBoard grid
   eval_steps = [d.generator_steps] + sorted(set(d.eval_steps) - {d.generator_steps})
   evaluate = teacher_lib.fd_callback(exp, eval_steps, mode=mode)
+  best_metric = f"fd_{d.generator_steps}steps"
+  best = {}           # these methods oscillate: keep the best-evaluated generator too (best/)
+  best_manager = ckpt_lib.manager(f"{workdir}/best", max_to_keep=1)
+
+  def on_best(state, scalars, step):
+    ckpt_lib.save(best_manager, step, state, {"step": step, **scalars}, force=True)
+    best.update(step=step, fd=scalars[best_metric])
 
   start = time.time()
   state, scalars = loop.run(
       objective, workdir=workdir, mesh=exp.mesh, train_data=exp.train_data(), num_steps=num_steps,
       writer=exp.writer, frozen=frozen, evaluate=evaluate, compiled=compiled, seed=config.seed,
       log_every=config.train.log_every, eval_every=config.train.eval_every,
-      save_every=config.train.save_every, best_metric=f"fd_{d.generator_steps}steps",
+      save_every=config.train.save_every, best_metric=best_metric, on_best=on_best,
       initial_state=lambda: make_state(teacher), meta={"method": d.variant})
+  best_manager.wait_until_finished()
   seconds = time.time() - start
   generator = objective.eval_params(state)
   teacher_fd = exp.evaluator.evaluate(teacher, config.teacher.sampling_steps)[0]["fd"]
@@ -354,6 +362,9 @@ def train(config, workdir: str):
            f"updates), wall time {seconds / 60:.1f} min (this invocation)", "",
            "| model | steps | FD | ms / sample |", "|---|---|---|---|"]
   lines += [f"| {name} | {n} | {fd:.4g} | {ms:.3f} |" for name, n, fd, ms in rows]
+  if best:
+    lines += ["", f"Best evaluated {d.generator_steps}-step FD in this invocation: {best['fd']:.4g} "
+              f"at step {best['step']} (kept in {workdir}/best)."]
   text = "\n".join(lines) + "\n"
   ckpt_lib.write_text(f"{workdir}/summary.md", text)
   logging.info("\n%s", text)
