@@ -114,21 +114,23 @@ SHARDED_SCRIPT = textwrap.dedent("""
     config = distribution_matching_config("digits", "dmd2")
     config.model.update(channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
     config.data.batch_size = 16
-    config.dmd.update(critic_updates_per_generator=2, generator_steps=2)
+    config.dmd.update(critic_updates_per_generator=2, generator_steps=2, regression_steps=2)
     exp = setup.build(config, "{workdir}", evaluator=False)
     objective = dm.make_objective(exp, 100)
     boxed = exp.denoiser.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
     teacher = jax.device_get(nn.unbox(boxed))
     iterator = pipeline.make_iterator(exp.train_data())
     batches = [next(iterator) for _ in range(4)]
+    pairs = jax.device_get(objective.regression_pairs(teacher, 64))      # DMD1 regression on
     results = {{}}
     for name, mesh in [("one", partitioning.make_mesh(1, jax.devices()[:1])),
                        ("fsdp2x4", partitioning.make_mesh(4))]:
-      compiled = loop.compile_step(objective, mesh, frozen_shardings={{"teacher": partitioning.shardings_for(boxed, mesh)}})
+      compiled = loop.compile_step(objective, mesh, frozen_shardings={{
+          "teacher": partitioning.shardings_for(boxed, mesh), "regression": partitioning.replicated(mesh)}})
       state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)(teacher)
       for i, b in enumerate(batches):
         state, metrics = compiled.fn(state, pipeline.to_global(b, partitioning.batch_sharding(mesh)),
-                                     jax.random.key(i), {{"teacher": teacher}}, {{}})
+                                     jax.random.key(i), {{"teacher": teacher, "regression": pairs}}, {{}})
       specs = [str(x.sharding.spec) for x in jax.tree.leaves(state)]
       results[name] = (jax.device_get(state), float(metrics["critic_loss"]), sum("fsdp" in s for s in specs))
     one = results["one"]

@@ -226,6 +226,9 @@ class DistributionMatchingObjective:
     metrics = {"generator_dm_loss": loss,
                "score_difference": jnp.mean(jnp.sqrt(per_example_mse(x_real, x_fake)))}
     if self.regression_weight > 0:      # DMD1: G(noise) vs the teacher's ODE sample from it
+      if regression is None:
+        raise ValueError("config.dmd.regression_weight > 0 needs frozen['regression'] = "
+                         "objective.regression_pairs(teacher_params, n) (the driver computes it)")
       pick = jax.random.randint(rng_pairs, (x.shape[0],), 0, regression["x"].shape[0])
       pair_label = regression["label"][pick] if self.denoiser.num_classes else None
       k_total = steps.astype(jnp.float32)        # from pure noise: t = 1 on any K-step grid
