@@ -8,10 +8,12 @@ so a rules table (jdistill/train/partitioning.py) can shard it over the mesh.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from jdistill.diffusion.schedules import LOGSNR_MAX, LOGSNR_MIN
 
@@ -37,9 +39,51 @@ def norm(groups, dtype):
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
+class Conv(nn.Module):
+  """A 'SAME' convolution with nn.Conv's params (kernel HWIO, bias). On feature maps smaller than
+  the kernel (the deepest levels of a U-Net on small images) it is computed as one matmul over
+  gathered patches: XLA swaps such a convolution's operands into a form that its CPU backend runs
+  5-40x slower than the matmul (benchmarks/README.md)."""
+  features: int
+  kernel_size: tuple = (3, 3)
+  strides: tuple = (1, 1)
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = conv_init()
+  bias_init: Callable = bias_init()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param("bias", self.bias_init, (self.features,))
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if x.shape[1] < self.kernel_size[0] or x.shape[2] < self.kernel_size[1]:
+      y = conv_as_matmul(x, kernel, self.strides)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, self.strides, "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
+
+
+def conv_as_matmul(x, kernel, strides):
+  """A 'SAME' NHWC convolution as patches @ kernel, skipping taps that only ever see padding."""
+  kh, kw, _, features = kernel.shape
+  (sh, sw), (_, h, w, _) = strides, x.shape
+  out_h, out_w = -(-h // sh), -(-w // sw)
+  pad_h, pad_w = max((out_h - 1) * sh + kh - h, 0), max((out_w - 1) * sw + kw - w, 0)
+  top, left = pad_h // 2, pad_w // 2
+  x = jnp.pad(x, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0)))
+  sees_data = lambda tap, stride, size, before, n: any(
+      before <= tap + k * stride < before + size for k in range(n))
+  taps = [(i, j) for i in range(kh) for j in range(kw)
+          if sees_data(i, sh, h, top, out_h) and sees_data(j, sw, w, left, out_w)]
+  patches = jnp.concatenate([x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw]
+                             for i, j in taps], axis=-1)
+  return patches @ jnp.concatenate([kernel[i, j] for i, j in taps], axis=0)
+
+
 def conv(features, dtype, kernel=3, stride=1, scale=1.0, name=None):
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", dtype=dtype,
-                 kernel_init=conv_init(scale), bias_init=bias_init(), name=name)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), dtype=dtype,
+              kernel_init=conv_init(scale), bias_init=bias_init(), name=name)
 
 
 def dense(features, dtype, scale=1.0, name=None):

@@ -10,6 +10,8 @@ and ETA, evaluation cadence, Orbax checkpoints, resume, and the non-finite-loss 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -37,6 +39,26 @@ class CompiledStep:
   abstract_state: Any
 
 
+# XLA:CPU's YNNPACK convolution fusion (on by default in recent jaxlibs) computes convolution
+# weight gradients about 2x slower than XLA's own convolution runtime: train steps compiled for
+# CPU keep YNNPACK for matmuls only (benchmarks/README.md has the numbers). A user's XLA_FLAGS
+# setting of the same option wins.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.cache
+def compiler_options(platform: str):
+  """XLA options for train steps on `platform`: None, or CPU_COMPILER_OPTIONS on a CPU whose
+  XLA knows them."""
+  if platform != "cpu" or "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(0.0).compile()
+  except Exception:  # noqa: BLE001 - an XLA without this option rejects it
+    return None
+  return CPU_COMPILER_OPTIONS
+
+
 def compile_step(objective, mesh, frozen_shardings=None) -> CompiledStep:
   boxed = jax.eval_shape(objective.init_state, jax.random.key(0))
   state_shardings = partitioning.shardings_for(boxed, mesh)
@@ -46,7 +68,8 @@ def compile_step(objective, mesh, frozen_shardings=None) -> CompiledStep:
                in_shardings=(state_shardings, partitioning.batch_sharding(mesh), replicated,
                              frozen_shardings if frozen_shardings is not None else replicated,
                              replicated),
-               out_shardings=(state_shardings, replicated), donate_argnums=0)
+               out_shardings=(state_shardings, replicated), donate_argnums=0,
+               compiler_options=compiler_options(mesh.devices.flat[0].platform))
   return CompiledStep(fn, state_shardings, abstract_state)
 
 

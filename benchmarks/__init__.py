@@ -1,0 +1,1 @@
+"""Benchmarks: train-step throughput and MFU against a PyTorch peer, compile counts, sampling."""
