@@ -235,7 +235,8 @@ def _validate_multi_teacher(config, check):
 
 def _validate_distribution_matching(d, check):
   from jdistill.models.unet import MAX_STEPS
-  check(d.variant in ("dmd2", "tdm"), "dmd.variant", f"unknown {d.variant!r}; use dmd2 or tdm")
+  from jdistill.objectives.distribution_matching import VARIANTS
+  check(d.variant in VARIANTS, "dmd.variant", f"unknown {d.variant!r}; choose one of {VARIANTS}")
   check(1 <= d.generator_steps <= MAX_STEPS, "dmd.generator_steps", f"must be in 1..{MAX_STEPS}")
   check(d.critic_updates_per_generator >= 1, "dmd.critic_updates_per_generator", "must be >= 1")
   check(0.0 <= d.t_min < d.t_max <= 1.0, "dmd.t_min", "need 0 <= t_min < t_max <= 1")
