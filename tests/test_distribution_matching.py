@@ -73,16 +73,24 @@ def test_generator_gradient_vanishes_when_fake_score_equals_real_score(tmp_path,
 
 
 def test_update_ratio_is_respected(tmp_path):
+  """The loop's two static programs (critic-only, critic + generator) follow the ratio and give
+  the same states, step for step, as the single program deciding by lax.cond."""
   exp, objective, teacher = _setup(tmp_path, critic_updates_per_generator=5)
   compiled = loop.compile_step(objective, exp.mesh)
-  state = jax.jit(objective.new_state)(teacher)
+  make_state = jax.jit(objective.new_state)
+  phased, by_cond = make_state(teacher), make_state(teacher)
   updated = []
   for i, batch in enumerate(_batches(exp, 12)):
-    state, metrics = compiled.fn(state, batch, jax.random.key(i), {"teacher": teacher}, {})
+    phased, metrics = compiled(phased, batch, jax.random.key(i), {"teacher": teacher}, {}, i)
+    by_cond, cond_metrics = compiled.fn(by_cond, batch, jax.random.key(i), {"teacher": teacher}, {})
     updated.append(int(metrics["generator_updated"]))
+    assert int(cond_metrics["generator_updated"]) == updated[-1]
   assert updated == [0, 0, 0, 0, 1] * 2 + [0, 0]
-  assert int(state.critic.step) == 12 and int(state.generator.step) == 2 and int(state.step) == 12
-  assert state.critic.ema_params is None          # no EMA copy of the critic
+  for state in (phased, by_cond):
+    assert int(state.critic.step) == 12 and int(state.generator.step) == 2 and int(state.step) == 12
+    assert state.critic.ema_params is None          # no EMA copy of the critic
+  for a, b in zip(jax.tree.leaves(jax.device_get(phased)), jax.tree.leaves(jax.device_get(by_cond))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_resume_keeps_both_networks_and_optimizers(tmp_path):

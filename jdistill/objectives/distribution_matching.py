@@ -244,7 +244,18 @@ class DistributionMatchingObjective:
     return loss, metrics
 
   # ---------------------------------------------------------------- the step
-  def train_step(self, state, batch, rng, frozen, stage):
+  def phase_of(self, step: int):
+    """Whether loop step `step` updates the generator, as a static program choice (the loop
+    compiles a critic-only and a critic + generator step): a lax.cond around the generator update
+    ran the whole step ~3x slower on XLA:CPU (backward convolutions inside a conditional branch
+    are left un-canonicalised; benchmarks/README.md). None at 1:1 (every step updates both)."""
+    if self.critic_updates_per_generator == 1:
+      return None
+    return (step + 1) % self.critic_updates_per_generator == 0
+
+  def train_step(self, state, batch, rng, frozen, stage, phase=None):
+    """One critic update, and a generator update every `critic_updates_per_generator` calls:
+    decided by `phase` (static, from `phase_of`) or, when None, by state.step inside a lax.cond."""
     del stage
     teacher = frozen["teacher"]
     label = batch["label"] if self.denoiser.num_classes else None
@@ -273,15 +284,15 @@ class DistributionMatchingObjective:
       return generator, dict(metrics, generator_loss=loss,
                              generator_grad_norm=state_lib.global_norm(grads))
 
-    if self.critic_updates_per_generator == 1:
-      # every step: no lax.cond (XLA:CPU leaves the backward convolutions inside a conditional
-      # branch un-canonicalised, which made this step ~4x slower on CPU; benchmarks/README.md)
-      update_now = jnp.ones((), bool)
-      generator, generator_metrics = generator_update(None)
+    def skip(_):
+      shapes = jax.eval_shape(generator_update, None)[1]
+      return state.generator, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    if self.critic_updates_per_generator == 1 or phase is not None:
+      update = self.critic_updates_per_generator == 1 or bool(phase)
+      generator, generator_metrics = (generator_update if update else skip)(None)
+      update_now = jnp.asarray(update)
     else:
-      generator_metric_shapes = jax.eval_shape(generator_update, None)[1]
-      skip = lambda _: (state.generator, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                                      generator_metric_shapes))
       update_now = (state.step + 1) % self.critic_updates_per_generator == 0
       generator, generator_metrics = jax.lax.cond(update_now, generator_update, skip, None)
 

@@ -3,6 +3,9 @@
     init_state(rng) -> state (params may be nn.Partitioned-boxed)
     train_step(state, batch, rng, frozen, stage) -> (state, metrics)   # pure
     eval_params(state) -> params
+    phase_of(step) -> None or a hashable (optional): a static program choice for loop step `step`,
+        passed to train_step as its 6th argument; each distinct phase compiles once (DMD's critic-only and
+        critic + generator steps: two programs instead of a lax.cond)
 
 and `run` owns the mesh shardings, jit (donated state), the data iterator, CLU writing, progress
 and ETA, evaluation cadence, Orbax checkpoints, resume, and the non-finite-loss stop.
@@ -37,6 +40,14 @@ class CompiledStep:
   fn: Callable
   state_shardings: Any
   abstract_state: Any
+  phase_of: Optional[Callable] = None
+
+  def __call__(self, state, batch, rng, frozen, stage, step: int):
+    """The step for loop step `step` (its phase, if the objective has phases)."""
+    phase = self.phase_of(step) if self.phase_of is not None else None
+    if phase is None:
+      return self.fn(state, batch, rng, frozen, stage)
+    return self.fn(state, batch, rng, frozen, stage, phase)
 
 
 # XLA:CPU's YNNPACK convolution fusion (on by default in recent jaxlibs) computes convolution
@@ -69,8 +80,9 @@ def compile_step(objective, mesh, frozen_shardings=None) -> CompiledStep:
                              frozen_shardings if frozen_shardings is not None else replicated,
                              replicated),
                out_shardings=(state_shardings, replicated), donate_argnums=0,
+               static_argnums=(5,) if hasattr(objective, "phase_of") else (),
                compiler_options=compiler_options(mesh.devices.flat[0].platform))
-  return CompiledStep(fn, state_shardings, abstract_state)
+  return CompiledStep(fn, state_shardings, abstract_state, getattr(objective, "phase_of", None))
 
 
 def init_state(objective, compiled: CompiledStep, rng):
@@ -126,7 +138,7 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
   pending, last_eval, t_log, step_log = [], {}, time.time(), start
   for step in range(start, num_steps):
     batch = pipeline.to_global(next(iterator), batch_sharding)
-    state, metrics = compiled.fn(state, batch, jax.random.fold_in(base_rng, step), frozen, stage)
+    state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen, stage, step)
     pending.append(metrics)
     done = step + 1
     report(done)
