@@ -135,7 +135,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
       critic_updates_per_generator=1 if tdm else 5,   # two time-scales for DMD2; 1:1 for TDM
       t_min=0.02, t_max=0.98,
       critic_lr=1e-4,
-      critic_weighting="v_mse",
+      critic_weighting="min_snr" if tdm else "v_mse",   # TDM: x0-MSE x min(SNR, 5)
       regression_weight=0.0, regression_steps=32,     # DMD1 regression to teacher ODE samples,
       regression_pairs=1024,                           # a fixed set computed before training
       gan_weight=0.0,                                  # GAN head on the critic's bottleneck
@@ -179,7 +179,8 @@ def multi_teacher_config(preset: str = "digits") -> ml_collections.ConfigDict:
   config.multi_teacher = ml_collections.ConfigDict(dict(
       # id -> checkpoint (exported .msgpack or Orbax run dir) and weight (normalised to sum 1)
       teachers=ml_collections.ConfigDict(),
-      student_init="",          # "": the heaviest teacher (ties: first id); "random"; or a checkpoint
+      student_init="",          # "": the heaviest teacher (ties: first id); "average" (the teachers'
+                                # params averaged with their weights); "random"; or a checkpoint
       loss="mse",               # mse, or huber (of the weighted error, delta huber_delta)
       huber_delta=0.1,
       loss_weighting="v_mse",   # w(logsnr) on ||x_student - x_target||^2 (diffusion/losses.py)
@@ -241,6 +242,8 @@ def _validate_distribution_matching(d, check):
   check(d.critic_updates_per_generator >= 1, "dmd.critic_updates_per_generator", "must be >= 1")
   check(0.0 <= d.t_min < d.t_max <= 1.0, "dmd.t_min", "need 0 <= t_min < t_max <= 1")
   check(d.critic_lr > 0, "dmd.critic_lr", f"must be > 0, got {d.critic_lr}")
+  check(d.critic_weighting in WEIGHTINGS, "dmd.critic_weighting",
+        f"unknown {d.critic_weighting!r}; choose one of {WEIGHTINGS}")
   check(d.regression_weight == 0 or d.regression_pairs >= 1, "dmd.regression_pairs",
         "must be >= 1 when regression_weight > 0")
   check(all(1 <= k <= MAX_STEPS for k in d.unify_steps), "dmd.unify_steps",

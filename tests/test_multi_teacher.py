@@ -17,6 +17,8 @@ from jdistill.diffusion.losses import weighted_x_loss
 from jdistill.diffusion.schedules import make_schedule
 from jdistill.objectives import multi_teacher
 from jdistill.train import checkpoint as ckpt_lib
+from jdistill.train import setup
+from jdistill.train import teacher as teacher_lib
 
 from conftest import tiny_teacher_params
 from test_cache import SHARD, copy_workdir, records
@@ -60,12 +62,22 @@ def test_huber_equals_mse_for_small_errors_and_grows_linearly():
                              2 * 0.1 * error - 0.1**2, rtol=1e-6)
 
 
-def test_student_starts_from_the_heaviest_teacher_by_default():
-  config = multi_teacher_config("digits")
-  ids, weights = multi_teacher.teacher_weights(config.multi_teacher.teachers)
-  assert multi_teacher.student_checkpoint(config, ids, weights) == config.multi_teacher.teachers.base.checkpoint
+def test_student_init_heaviest_teacher_average_or_random(teacher_cache):
+  config, workdir = teacher_cache
+  config = config.copy_and_resolve_references()
+  exp = setup.build(config, workdir, evaluator=False, record_config=False)
+  ids, weights = multi_teacher.teacher_weights(config.multi_teacher.teachers)   # a: 0.75, b: 0.25
+  load = lambda i: teacher_lib.load_checkpoint(config.multi_teacher.teachers[i].checkpoint,
+                                               exp.abstract_params())
+  a, b = load("a"), load("b")
+  init = lambda: multi_teacher.student_params(config, ids, weights, exp.abstract_params())
+  for x, y in zip(jax.tree.leaves(init()), jax.tree.leaves(a)):      # default: the heaviest, a
+    np.testing.assert_array_equal(x, y)
+  config.multi_teacher.student_init = "average"                       # 0.75 a + 0.25 b, leaf by leaf
+  for x, y, z in zip(jax.tree.leaves(init()), jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, 0.75 * y + 0.25 * z, rtol=1e-6, atol=1e-7)
   config.multi_teacher.student_init = "random"
-  assert multi_teacher.student_checkpoint(config, ids, weights) is None
+  assert init() is None
 
 
 def test_target_is_the_hand_computed_weighted_average(teacher_cache):

@@ -22,8 +22,8 @@ DMD2 generator step, x = G(z_{t_k}):
   [+ non-saturating GAN loss from a head on the critic's bottleneck features]
 TDM generator step, x_s = G(z_{t_k}):
   target = sg(x_s + (x_real - x_fake)),  loss = pseudo_huber(x_s - target) / sg(mean|x_s - x_real|).
-Critic step: a denoising loss on sg(G samples): DMD2 with the teacher's weighting, TDM with
-  x0-MSE weighted by min(SNR, 5).
+Critic step: a denoising loss on sg(G samples), weighted by `critic_weighting`: DMD2 the
+  teacher's (v_mse), TDM x0-MSE x min(SNR, 5) (min_snr).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jdistill.diffusion.losses import per_example_mse, weighted_x_loss, x_mse_weight
+from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.diffusion.parameterization import broadcast_to_data
 from jdistill.diffusion.sampling import ddim_step, renoise_step, sample
 from jdistill.models.denoiser import with_step_embedding
@@ -188,11 +188,9 @@ class DistributionMatchingObjective:
     rng_noise, rng_gan = jax.random.split(rng)
     z_t, t, logsnr = self._noise(x_generated, rng_noise, *self.noise_interval(t_k, steps))
     pred = self._predict(critic_params["score"], z_t, t, label, steps=steps)
-    if self.variant == "dmd2":
-      per_example = weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting)
-    else:     # TDM: x0-MSE with min(SNR, 5); t is uniform, so the importance weight is 1
-      per_example = x_mse_weight("min_snr", logsnr, 5.0) * per_example_mse(pred.x0, x_generated)
-    loss = jnp.mean(per_example)
+    # DMD2: the teacher's weighting (v_mse); TDM: x0-MSE x min(SNR, 5) (t is uniform in its
+    # interval, so TDM's importance weight is 1)
+    loss = jnp.mean(weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting))
     metrics = {"critic_denoising_loss": loss}
     if self.gan_weight > 0:
       z_fake, t_gan, _ = self._noise(x_generated, rng_gan, self.t_min, self.t_max)

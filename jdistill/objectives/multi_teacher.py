@@ -146,13 +146,20 @@ def open_caches(config, workdir, teacher_ids):
       noise_draws=c.noise_draws, schedule_config=config.diffusion.schedule.to_dict(), dtype=c.dtype)
 
 
-def student_checkpoint(config, teacher_ids, weights):
-  """Where a fresh student starts: multi_teacher.student_init, by default the heaviest teacher
-  (ties: the first id); None for 'random'."""
+def student_params(config, teacher_ids, weights, abstract_params):
+  """Where a fresh student starts (multi_teacher.student_init): '' the heaviest teacher (ties: the
+  first id); 'average' the teachers' parameters averaged with their weights w_k (a model soup:
+  fine-tunes of one base model share its basin, so the soup starts near every teacher and nearer
+  to none); a checkpoint path; or None for 'random'."""
   spec = config.multi_teacher.student_init
+  teachers = config.multi_teacher.teachers
+  load = lambda path: teacher_lib.load_checkpoint(path, abstract_params)
   if spec == "random":
     return None
-  return spec or config.multi_teacher.teachers[teacher_ids[int(np.argmax(weights))]].checkpoint
+  if spec == "average":
+    trees = [load(teachers[i].checkpoint) for i in teacher_ids]
+    return jax.tree.map(lambda *leaves: sum(float(w) * leaf for w, leaf in zip(weights, leaves)), *trees)
+  return load(spec or teachers[teacher_ids[int(np.argmax(weights))]].checkpoint)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -173,10 +180,10 @@ def train(config, workdir: str):
                caches.latents["num_records"] * caches.noise_draws, len(ids))
   objective = make_objective(exp, ids)
   compiled = loop.compile_step(objective, exp.mesh)
-  initial_state, path = None, student_checkpoint(config, ids, weights)
-  if path:
+  initial_state, init_params = None, student_params(config, ids, weights, exp.abstract_params())
+  if init_params is not None:
     make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
-    initial_state = lambda: make_state(teacher_lib.load_checkpoint(path, exp.abstract_params()))
+    initial_state = lambda: make_state(init_params)
   start = time.time()
   state, _ = loop.run(
       objective, workdir=workdir, mesh=exp.mesh,
