@@ -155,6 +155,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
     config.dmd.critic_lr = 5e-4
     if not tdm:                 # DMD1's regression pairs (16-step teacher) speed up the start
       config.dmd.update(regression_weight=0.25, regression_steps=16)
+      config.train.update(num_steps=5000, eval_every=1000)   # 1000 generator updates, ~12 min
   if preset == "toy2d":
     config.train.update(num_steps=3000, eval_every=1000)
   return config
@@ -194,7 +195,8 @@ def multi_teacher_config(preset: str = "digits") -> ml_collections.ConfigDict:
   if preset == "digits":        # the bundled teacher and two fine-tunes of it (configs/multi_teacher.py)
     config.data.batch_size = 64
     config.cache.noise_draws = 16             # 1297 digits x 16 (t, eps) draws
-    config.optim.lr = 1e-4                    # the student starts from a teacher: small steps
+    config.optim.lr = 1e-4                    # the student starts near the teachers: small steps
+    config.multi_teacher.student_init = "average"   # the teachers' weighted model soup
     config.train.num_steps = 1500
     config.multi_teacher.teachers = ml_collections.ConfigDict({
         "base": dict(checkpoint=BUNDLED_DIGITS_TEACHER, weight=2.0),
