@@ -143,6 +143,8 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
       remat=False,                                     # rematerialise the denoiser passes
       unify_steps=(),          # TDM-unify: e.g. (1, 2, 4), one generator told its step count
       step_intervals=False,    # TDM: match step k's output only at its noise levels [s_k, t_k]
+      step_aware_critic=True,  # K > 1: the critic is told which step made each sample (p_k, not
+                               # their mixture); ids over all step counts must fit MAX_STEPS
       eval_steps=(1, 2, 4),
   ))
   config.optim.update(lr=1e-4, warmup_steps=0, schedule="constant", ema_decay=0.99, b1=0.0, b2=0.99)
@@ -250,6 +252,9 @@ def _validate_distribution_matching(d, check):
         "must be >= 1 when regression_weight > 0")
   check(all(1 <= k <= MAX_STEPS for k in d.unify_steps), "dmd.unify_steps",
         f"step counts must be in 1..{MAX_STEPS}, got {tuple(d.unify_steps)}")
+  counts = set(d.unify_steps or (d.generator_steps,))
+  check(not d.step_aware_critic or sum(counts) <= MAX_STEPS, "dmd.step_aware_critic",
+        f"one id per (K, k) step: the step counts {sorted(counts)} sum to {sum(counts)} > {MAX_STEPS}")
 
 
 def validate(config, num_devices: int):

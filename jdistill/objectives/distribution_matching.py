@@ -41,6 +41,7 @@ from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.diffusion.parameterization import broadcast_to_data
 from jdistill.diffusion.sampling import ddim_step, renoise_step, sample
 from jdistill.models.denoiser import with_step_embedding
+from jdistill.models.unet import MAX_STEPS
 from jdistill.objectives.denoising import forward_process
 from jdistill.train import state as state_lib
 from jdistill.train.state import TrainState
@@ -80,6 +81,7 @@ class DistributionMatchingObjective:
   remat: bool = False
   unify_steps: tuple = ()          # TDM-unify: K drawn per example from these, told to both nets
   step_intervals: bool = True      # TDM: diffuse step k's x_hat only within its interval [s_k, t_k]
+  step_aware_critic: bool = True   # K > 1: the critic is told which step made each sample
 
   # ---------------------------------------------------------------- state
   def new_state(self, teacher_params, rng=None) -> DistributionMatchingState:
@@ -88,13 +90,13 @@ class DistributionMatchingObjective:
     if self.gan_weight > 0:
       channels = self.bottleneck_channels(teacher_params)
       gan_head = {"w": 0.01 * jax.random.normal(rng, (channels, 1)), "b": jnp.zeros((1,))}
-    if self.unify_steps:
-      teacher_params = with_step_embedding(self.denoiser, teacher_params,
-                                           jnp.zeros((1, *self.data_shape)))
+    told = lambda params: with_step_embedding(self.denoiser, params, jnp.zeros((1, *self.data_shape)))
+    generator = told(teacher_params) if self.unify_steps else teacher_params
+    critic = told(teacher_params) if self.critic_is_told() else teacher_params
     return DistributionMatchingState(
         step=jnp.zeros((), jnp.int32),
-        generator=state_lib.create(teacher_params, self.generator_optimizer),
-        critic=state_lib.create({"score": teacher_params, "gan_head": gan_head},
+        generator=state_lib.create(generator, self.generator_optimizer),
+        critic=state_lib.create({"score": critic, "gan_head": gan_head},
                                 self.critic_optimizer, ema=False))
 
   def init_state(self, rng, frozen=None):
@@ -142,6 +144,28 @@ class DistributionMatchingObjective:
     return jnp.asarray(self.unify_steps, jnp.int32)[
         jax.random.randint(rng, (batch,), 0, len(self.unify_steps))]
 
+  def step_counts(self):
+    return tuple(sorted(set(self.unify_steps or (self.generator_steps,))))
+
+  def critic_is_told(self):
+    return bool(self.unify_steps) or (self.step_aware_critic and max(self.step_counts()) > 1)
+
+  def critic_step_ids(self, steps, t_k):
+    """What the critic is told about a sample from step k of a K-step generator (None: nothing).
+    Step-aware (K > 1): id = offset(K) + k + 1 over the step counts in use, so the critic models
+    each step's output distribution p_k rather than their mixture. A mixture can match the data
+    while its parts do not, and then every step's gradient vanishes with the last step's samples
+    still wrong (toy2d, 4 steps: FD 0.08-0.2 with a mixture critic). Else K (TDM-unify) or None."""
+    if not self.critic_is_told():
+      return None
+    if not self.step_aware_critic:
+      return steps
+    counts = self.step_counts()
+    offsets = np.zeros(MAX_STEPS + 1, np.int32)
+    offsets[list(counts)] = np.cumsum((0,) + counts[:-1])
+    k = jnp.round(steps * (1.0 - t_k)).astype(jnp.int32)
+    return jnp.asarray(offsets)[steps] + k + 1
+
   def rollout(self, params, noise, label, steps, rng):
     """(z_{t_k}, t_k) per example, k ~ U{0..K-1}, from k generator steps without gradient."""
     batch = noise.shape[0]
@@ -187,7 +211,7 @@ class DistributionMatchingObjective:
   def critic_loss(self, critic_params, x_generated, x_data, label, steps, t_k, rng):
     rng_noise, rng_gan = jax.random.split(rng)
     z_t, t, logsnr = self._noise(x_generated, rng_noise, *self.noise_interval(t_k, steps))
-    pred = self._predict(critic_params["score"], z_t, t, label, steps=steps)
+    pred = self._predict(critic_params["score"], z_t, t, label, steps=self.critic_step_ids(steps, t_k))
     # DMD2: the teacher's weighting (v_mse); TDM: x0-MSE x min(SNR, 5) (t is uniform in its
     # interval, so TDM's importance weight is 1)
     loss = jnp.mean(weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting))
@@ -208,7 +232,8 @@ class DistributionMatchingObjective:
     z_t, t, _ = self._noise(jax.lax.stop_gradient(x), rng_noise,
                             *self.noise_interval(t_k, steps, self.t_min, self.t_max))
     x_real = self._predict(teacher_params, z_t, t, label, self.guidance).x0
-    x_fake = self._predict(critic_params["score"], z_t, t, label, steps=steps).x0
+    x_fake = self._predict(critic_params["score"], z_t, t, label,
+                           steps=self.critic_step_ids(steps, t_k)).x0
     x_real, x_fake = jax.lax.stop_gradient(x_real), jax.lax.stop_gradient(x_fake)
     axes = tuple(range(1, x.ndim))
     if self.variant == "dmd2":
@@ -317,7 +342,8 @@ def make_objective(exp, num_steps):
       guidance=c.diffusion.guidance, critic_weighting=d.critic_weighting,
       regression_weight=d.regression_weight, regression_steps=d.regression_steps,
       gan_weight=d.gan_weight, huber_c=d.huber_c, ema_decay=c.optim.ema_decay, remat=d.remat,
-      unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals)
+      unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals,
+      step_aware_critic=d.step_aware_critic)
 
 
 def train(config, workdir: str):
