@@ -236,7 +236,7 @@ def test_digits_preset_stage_budget():
 @pytest.mark.parametrize("field,value", [
     ("variant", "dmd3"), ("generator_steps", 0), ("generator_steps", 17),
     ("critic_updates_per_generator", 0), ("t_min", 0.99), ("critic_lr", 0.0),
-    ("unify_steps", (1, 2, 32)),
+    ("unify_steps", (1, 2, 32)), ("critic_weighting", "l3"),
 ])
 def test_invalid_distribution_matching_field_is_named(field, value):
   from jdistill.config import distribution_matching_config
@@ -245,6 +245,16 @@ def test_invalid_distribution_matching_field_is_named(field, value):
   config.dmd[field] = value
   with pytest.raises(ConfigError, match=f"config.dmd.{field}"):
     validate(config, 1)
+
+
+def test_step_aware_critic_ids_must_fit_the_step_table():
+  from jdistill.config import distribution_matching_config
+  config = distribution_matching_config("digits", "tdm")
+  config.dmd.unify_steps = (4, 8, 16)          # 28 (K, k) ids > 16 table rows
+  with pytest.raises(ConfigError, match=r"config.dmd.step_aware_critic: .*\[4, 8, 16\] sum to 28 > 16"):
+    validate(config, 1)
+  config.dmd.step_aware_critic = False         # the critic told K only: fits
+  validate(config, 1)
 
 
 def test_unify_steps_from_the_command_line(tmp_path):

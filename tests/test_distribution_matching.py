@@ -255,3 +255,23 @@ def test_driver_writes_summary_and_keeps_the_best_generator(tmp_path):
   best = ckpt_lib.manager(str(tmp_path / "best"), asynchronous=False)
   assert best.latest_step() in (10, 20)
   assert json.load(open(tmp_path / "config.json"))["dmd"]["variant"] == "dmd2"
+
+
+def test_step_aware_critic_is_told_which_step_made_each_sample(tmp_path):
+  """ids = offset(K) + k + 1 over the step counts in use; only the critic gets the table."""
+  _, unify, teacher = _setup(tmp_path, "tdm", unify_steps=(1, 2, 4))
+  steps = jnp.array([1, 2, 2, 4, 4, 4, 4])
+  t_k = jnp.array([1.0, 1.0, 0.5, 1.0, 0.75, 0.5, 0.25])       # k = 0 | 0, 1 | 0, 1, 2, 3
+  np.testing.assert_array_equal(unify.critic_step_ids(steps, t_k), [1, 2, 3, 4, 5, 6, 7])
+  _, four, _ = _setup(tmp_path, "dmd2", generator_steps=4)
+  np.testing.assert_array_equal(four.critic_step_ids(steps[3:], t_k[3:]), [1, 2, 3, 4])
+  state = four.new_state(teacher)
+  assert "step_embedding" in state.critic.params["score"] and "step_embedding" not in state.generator.params
+  np.testing.assert_array_equal(state.critic.params["score"]["step_embedding"]["embedding"], 0.0)
+  _, one, _ = _setup(tmp_path, "dmd2", generator_steps=1)       # one step: nothing to tell
+  assert one.critic_step_ids(steps[:1], t_k[:1]) is None
+  assert "step_embedding" not in one.new_state(teacher).critic.params["score"]
+  _, mixture, _ = _setup(tmp_path, "tdm", generator_steps=4, step_aware_critic=False)
+  assert mixture.critic_step_ids(steps[3:], t_k[3:]) is None
+  _, told_k, _ = _setup(tmp_path, "tdm", unify_steps=(1, 2, 4), step_aware_critic=False)
+  np.testing.assert_array_equal(told_k.critic_step_ids(steps, t_k), steps)   # TDM-unify: K only
