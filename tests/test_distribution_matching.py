@@ -275,3 +275,23 @@ def test_step_aware_critic_is_told_which_step_made_each_sample(tmp_path):
   assert mixture.critic_step_ids(steps[3:], t_k[3:]) is None
   _, told_k, _ = _setup(tmp_path, "tdm", unify_steps=(1, 2, 4), step_aware_critic=False)
   np.testing.assert_array_equal(told_k.critic_step_ids(steps, t_k), steps)   # TDM-unify: K only
+
+
+@pytest.mark.parametrize("clip_x", [False, True])
+def test_tdm_rollout_follows_the_samplers_trajectory(tmp_path, clip_x):
+  """Examples rolled out to the last step (k = K - 1) finish exactly as the DDIM sampler does
+  with K steps, clipping x_hat to [-1, 1] on the way when the config clips."""
+  import dataclasses
+  from jdistill.diffusion.sampling import sample
+  exp, objective, teacher = _setup(tmp_path, "tdm", generator_steps=4)
+  objective = dataclasses.replace(objective, clip_x=clip_x)
+  noise = 2.0 * jax.random.normal(jax.random.key(7), (256, 2))     # x_hat often beyond [-1, 1]
+  steps = objective.draw_step_counts(jax.random.key(8), 256)
+  z_k, t_k = objective.rollout(teacher, noise, None, steps, jax.random.key(9))
+  last = np.asarray(t_k) == 0.25
+  assert 30 < last.sum() < 100
+  x = objective.generate(teacher, z_k, t_k, None, steps)
+  sampled = sample(lambda z, logsnr: exp.denoiser.predict(teacher, z, logsnr), exp.schedule, noise, 4,
+                   clip_x=clip_x)
+  np.testing.assert_allclose((np.clip(x, -1, 1) if clip_x else np.asarray(x))[last],
+                             np.asarray(sampled)[last], rtol=1e-4, atol=1e-5)

@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
-from jdistill.diffusion.parameterization import broadcast_to_data
+from jdistill.diffusion.parameterization import broadcast_to_data, clip_x0
 from jdistill.diffusion.sampling import ddim_step, renoise_step, sample
 from jdistill.models.denoiser import with_step_embedding
 from jdistill.models.unet import MAX_STEPS
@@ -82,6 +82,7 @@ class DistributionMatchingObjective:
   unify_steps: tuple = ()          # TDM-unify: K drawn per example from these, told to both nets
   step_intervals: bool = True      # TDM: diffuse step k's x_hat only within its interval [s_k, t_k]
   step_aware_critic: bool = True   # K > 1: the critic is told which step made each sample
+  clip_x: bool = False             # rollouts clip x_hat to [-1, 1] like the sampler does
 
   # ---------------------------------------------------------------- state
   def new_state(self, teacher_params, rng=None) -> DistributionMatchingState:
@@ -175,7 +176,10 @@ class DistributionMatchingObjective:
     params = jax.lax.stop_gradient(params)
     z, z_k = noise, noise
     for j in range(max(self.unify_steps or (self.generator_steps,)) - 1):
-      pred = self._predict(params, z, (k_total - j) / k_total, label, steps=steps)
+      t_j = (k_total - j) / k_total
+      pred = self._predict(params, z, t_j, label, steps=steps)
+      if self.clip_x:             # the trajectory the sampler will take (sampling.sample)
+        pred = clip_x0(pred, z, self.schedule(t_j))
       s_j = jnp.maximum(k_total - j - 1, 0.0) / k_total
       if self.variant == "dmd2":
         z = renoise_step(pred, self.schedule(s_j), jax.random.normal(jax.random.fold_in(rng_noise, j), z.shape))
@@ -343,7 +347,7 @@ def make_objective(exp, num_steps):
       regression_weight=d.regression_weight, regression_steps=d.regression_steps,
       gan_weight=d.gan_weight, huber_c=d.huber_c, ema_decay=c.optim.ema_decay, remat=d.remat,
       unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals,
-      step_aware_critic=d.step_aware_critic)
+      step_aware_critic=d.step_aware_critic, clip_x=c.diffusion.clip_x)
 
 
 def train(config, workdir: str):
