@@ -142,7 +142,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
       huber_c=0.03,                                    # TDM pseudo-Huber constant
       remat=False,                                     # rematerialise the denoiser passes
       unify_steps=(),          # TDM-unify: e.g. (1, 2, 4), one generator told its step count
-      step_intervals=False,    # TDM: match step k's output only at its noise levels [s_k, t_k]
+      step_intervals=tdm,      # TDM: match step k's output only at its noise levels [s_k, t_k]
       step_aware_critic=True,  # K > 1: the critic is told which step made each sample (p_k, not
                                # their mixture); ids over all step counts must fit MAX_STEPS
       eval_steps=(1, 2, 4),
@@ -155,8 +155,9 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
     config.data.batch_size = 32
     config.optim.update(lr=5e-4, schedule="cosine", final_lr_fraction=0.1)
     config.dmd.critic_lr = 5e-4
-    if not tdm:                 # DMD1's regression pairs (16-step teacher) speed up the start
-      config.dmd.update(regression_weight=0.25, regression_steps=16)
+    # DMD1's regression pairs (16-step teacher) speed up the start and steady TDM's chain
+    config.dmd.update(regression_weight=0.25, regression_steps=16)
+    if not tdm:
       config.train.update(num_steps=5000, eval_every=1000)   # 1000 generator updates, ~12 min
   if preset == "toy2d":
     config.train.update(num_steps=3000, eval_every=1000)
