@@ -71,7 +71,8 @@ def test_student_init_heaviest_teacher_average_or_random(teacher_cache):
                                                exp.abstract_params())
   a, b = load("a"), load("b")
   init = lambda: multi_teacher.student_params(config, ids, weights, exp.abstract_params())
-  for x, y in zip(jax.tree.leaves(init()), jax.tree.leaves(a)):      # default: the heaviest, a
+  config.multi_teacher.student_init = ""                              # '': the heaviest, a
+  for x, y in zip(jax.tree.leaves(init()), jax.tree.leaves(a)):
     np.testing.assert_array_equal(x, y)
   config.multi_teacher.student_init = "average"                       # 0.75 a + 0.25 b, leaf by leaf
   for x, y, z in zip(jax.tree.leaves(init()), jax.tree.leaves(a), jax.tree.leaves(b)):
