@@ -175,7 +175,7 @@ class DistributionMatchingObjective:
     k_total = steps.astype(jnp.float32)
     params = jax.lax.stop_gradient(params)
     z, z_k = noise, noise
-    for j in range(max(self.unify_steps or (self.generator_steps,)) - 1):
+    for j in range(max(self.step_counts()) - 1):
       t_j = (k_total - j) / k_total
       pred = self._predict(params, z, t_j, label, steps=steps)
       if self.clip_x:             # the trajectory the sampler will take (sampling.sample)
@@ -273,9 +273,9 @@ class DistributionMatchingObjective:
   # ---------------------------------------------------------------- the step
   def phase_of(self, step: int):
     """Whether loop step `step` updates the generator, as a static program choice (the loop
-    compiles a critic-only and a critic + generator step): a lax.cond around the generator update
-    ran the whole step ~3x slower on XLA:CPU (backward convolutions inside a conditional branch
-    are left un-canonicalised; benchmarks/README.md). None at 1:1 (every step updates both)."""
+    compiles a critic-only and a critic + generator step): with a lax.cond around the generator
+    update, digits DMD2 at 5:1 ran 5.2x slower on XLA:CPU (backward convolutions inside a
+    conditional branch are left un-canonicalised; benchmarks/README.md). None at 1:1."""
     if self.critic_updates_per_generator == 1:
       return None
     return (step + 1) % self.critic_updates_per_generator == 0

@@ -180,10 +180,10 @@ def train(config, workdir: str):
                caches.latents["num_records"] * caches.noise_draws, len(ids))
   objective = make_objective(exp, ids)
   compiled = loop.compile_step(objective, exp.mesh)
-  initial_state, init_params = None, student_params(config, ids, weights, exp.abstract_params())
-  if init_params is not None:
+  initial_state = None            # a fresh run only: a resumed one never loads the teachers here
+  if config.multi_teacher.student_init != "random":
     make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
-    initial_state = lambda: make_state(init_params)
+    initial_state = lambda: make_state(student_params(config, ids, weights, exp.abstract_params()))
   start = time.time()
   state, _ = loop.run(
       objective, workdir=workdir, mesh=exp.mesh,
