@@ -3,9 +3,9 @@
     init_state(rng) -> state (params may be nn.Partitioned-boxed)
     train_step(state, batch, rng, frozen, stage) -> (state, metrics)   # pure
     eval_params(state) -> params
-    phase_of(step) -> None or a hashable (optional): a static program choice for loop step `step`,
-        passed to train_step as its 6th argument; each distinct phase compiles once (DMD's critic-only and
-        critic + generator steps: two programs instead of a lax.cond)
+    phase_of(step) -> None or a hashable (optional): a static program choice for loop step
+        `step`, passed to train_step as its 6th argument; each distinct phase compiles once
+        (DMD's critic-only and critic + generator steps: two programs instead of a lax.cond)
 
 and `run` owns the mesh shardings, jit (donated state), the data iterator, CLU writing, progress
 and ETA, evaluation cadence, Orbax checkpoints, resume, and the non-finite-loss stop.
