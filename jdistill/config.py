@@ -137,8 +137,9 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
       t_min=0.02, t_max=0.98,
       critic_lr=1e-4,
       critic_weighting="min_snr" if tdm else "v_mse",   # TDM: x0-MSE x min(SNR, 5)
-      regression_weight=0.0, regression_steps=32,     # DMD1 regression to teacher ODE samples,
-      regression_pairs=1024,                           # a fixed set computed before training
+      regression_weight=0.0, regression_steps=32,     # DMD1 regression to the teacher's ODE from
+      regression_pairs=1024,                           # fixed noise (pairs computed before training;
+                                                       # K > 1: every step onto its ODE segment)
       gan_weight=0.0,                                  # GAN head on the critic's bottleneck
       huber_c=0.03,                                    # TDM pseudo-Huber constant
       remat=False,                                     # rematerialise the denoiser passes
@@ -156,7 +157,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
     config.data.batch_size = 32
     config.optim.update(lr=5e-4, schedule="cosine", final_lr_fraction=0.1)
     config.dmd.critic_lr = 5e-4
-    # DMD1's regression pairs (16-step teacher) speed up the start and steady TDM's chain
+    # DMD1's regression to 16-step teacher ODE trajectories speeds up the start, steadies TDM's chain
     config.dmd.update(regression_weight=0.25, regression_steps=16)
     config.train.update(num_steps=5000, eval_every=1000)     # 1000 generator updates, ~12 min
   if preset == "toy2d":

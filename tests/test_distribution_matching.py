@@ -201,26 +201,35 @@ def test_unify_generator_starts_as_the_teacher_and_learns_per_step_count(tmp_pat
   assert np.abs(told - blind).max() > 1e-6
 
 
-def test_regression_pairs_are_teacher_ode_samples_and_zero_loss_for_the_teacher(tmp_path):
-  """DMD1 pairs: x is the teacher's `regression_steps`-step DDIM sample of the stored noise; with
-  one step the generator initialised from the teacher already maps each noise onto its x."""
-  from jdistill.diffusion.sampling import sample
-  exp, objective, teacher = _setup(tmp_path, "dmd2", regression_weight=1.0, regression_steps=1)
+@pytest.mark.parametrize("variant,steps", [("dmd2", 1), ("tdm", 2), ("tdm", 4)])
+def test_regression_pairs_are_the_teacher_ode_and_zero_loss_for_the_teacher(tmp_path, variant, steps):
+  """The pairs hold the teacher's DDIM trajectory from the stored noise at t = m / K; with one
+  teacher step per generator step (regression_steps = K), the generator initialised from the
+  teacher lands on every segment's end exactly (loss 0: K = 1 is DMD1's G(noise) -> x), a
+  perturbed one does not."""
+  from jdistill.diffusion.sampling import ddim_step, sample
+  exp, objective, teacher = _setup(tmp_path, variant, generator_steps=steps, regression_weight=1.0,
+                                   regression_steps=steps)
   pairs = objective.regression_pairs(teacher, 40, seed=3, batch_size=16)
-  assert pairs["noise"].shape == (40, 2) and pairs["x"].shape == (40, 2)
-  by_hand = sample(lambda z, logsnr: exp.denoiser.predict(teacher, z, logsnr), exp.schedule,
-                   pairs["noise"][:5], 1, clip_x=False)
-  np.testing.assert_allclose(pairs["x"][:5], by_hand, atol=1e-6)
-  steps = objective.draw_step_counts(jax.random.key(0), 8)
-  z_k, t_k = objective.rollout(teacher, jax.random.normal(jax.random.key(1), (8, 2)), None, steps,
+  trajectory = pairs["trajectory"]
+  assert trajectory.shape == (40, steps + 1, 2)
+  predict = lambda z, logsnr: exp.denoiser.predict(teacher, z, logsnr)
+  noise = trajectory[:5, 0]
+  np.testing.assert_allclose(trajectory[:5, -1], sample(predict, exp.schedule, noise, steps, clip_x=False),
+                             atol=1e-5)
+  if steps > 1:             # the first state after the noise: one teacher DDIM step 1 -> 1 - 1/K
+    by_hand = ddim_step(predict(noise, jnp.full((5,), exp.schedule(1.0))),
+                        jnp.full((5,), exp.schedule(1.0 - 1.0 / steps)))
+    np.testing.assert_allclose(trajectory[:5, 1], by_hand, atol=1e-5)
+  counts = objective.draw_step_counts(jax.random.key(0), 64)
+  assert float(objective.regression_loss(teacher, pairs, counts, jax.random.key(4))) < 1e-9
+  perturbed = jax.tree.map(lambda p: p * 1.1, teacher)
+  assert float(objective.regression_loss(perturbed, pairs, counts, jax.random.key(4))) > 1e-4
+  z_k, t_k = objective.rollout(teacher, jax.random.normal(jax.random.key(1), (64, 2)), None, counts,
                                jax.random.key(2))
   _, metrics = objective.generator_loss(teacher, {"score": teacher, "gan_head": {}}, teacher, z_k,
-                                        t_k, None, steps, jax.random.key(4), pairs)
-  assert float(metrics["regression_loss"]) < 1e-10
-  perturbed = jax.tree.map(lambda p: p * 1.1, teacher)
-  _, metrics = objective.generator_loss(perturbed, {"score": teacher, "gan_head": {}}, teacher, z_k,
-                                        t_k, None, steps, jax.random.key(4), pairs)
-  assert float(metrics["regression_loss"]) > 1e-4
+                                        t_k, None, counts, jax.random.key(4), pairs)
+  assert float(metrics["regression_loss"]) < 1e-9
 
 
 def test_tdm_step_intervals_diffuse_each_step_within_its_own_noise_levels(tmp_path):

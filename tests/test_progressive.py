@@ -27,11 +27,11 @@ def test_x_target_against_hand_computation():
   at, st = (float(v) for v in schedules.alpha_sigma(lt))
   as_, ss = (float(v) for v in schedules.alpha_sigma(ls))
   expected = (z_s - ss / st * z_t) / (as_ - ss / st * at)
-  got = progressive.student_x_target(jnp.asarray(z_t), jnp.asarray(z_s), jnp.zeros((1, 2)),
+  got = sampling.ddim_x_target(jnp.asarray(z_t), jnp.asarray(z_s), jnp.zeros((1, 2)),
                                      jnp.array([lt]), jnp.array([ls]), jnp.array([0.25]))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   teacher_x = jnp.array([[0.9, 0.9]])
-  at_end = progressive.student_x_target(jnp.asarray(z_t), jnp.asarray(z_s), teacher_x,
+  at_end = sampling.ddim_x_target(jnp.asarray(z_t), jnp.asarray(z_s), teacher_x,
                                         jnp.array([lt]), jnp.array([20.0]), jnp.array([0.0]))
   np.testing.assert_allclose(at_end, teacher_x)
 
@@ -47,9 +47,9 @@ def test_two_step_target_reproduces_two_exact_ddim_steps():
   u = t - 0.5 / n
   z_u = sampling.ddim_step(exact_gaussian_denoiser(z_t, sched(t)), sched(u))
   z_s_manual = sampling.ddim_step(exact_gaussian_denoiser(z_u, sched(u)), sched(s))
-  z_s, teacher_x = progressive.teacher_ddim(exact_gaussian_denoiser, sched, z_t, t, s, jnp.int32(2))
+  z_s, teacher_x = sampling.ddim_segment(exact_gaussian_denoiser, sched, z_t, t, s, jnp.int32(2))
   np.testing.assert_allclose(z_s, z_s_manual, atol=1e-5)
-  x_target = progressive.student_x_target(z_t, z_s, teacher_x, sched(t), sched(s), s)
+  x_target = sampling.ddim_x_target(z_t, z_s, teacher_x, sched(t), sched(s), s)
   student = P.from_x0(x_target, z_t, sched(t))
   z_s_student = sampling.ddim_step(student, sched(s))
   interior = np.asarray(s > 0)

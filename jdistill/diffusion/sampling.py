@@ -38,6 +38,30 @@ def ancestral_step(pred: Prediction, z_t, logsnr_t, logsnr_s, noise):
   return mean + std * noise
 
 
+def ddim_segment(predict_fn: PredictFn, schedule, z_t, t, s, substeps):
+  """`substeps` (may be traced) deterministic DDIM steps from (z_t, t) to s (per example).
+
+  Returns (z_s, x prediction of the last step)."""
+  def body(j, carry):
+    z, _ = carry
+    t_j = t - (t - s) * j / substeps
+    t_next = t - (t - s) * (j + 1) / substeps
+    pred = predict_fn(z, schedule(t_j))
+    return ddim_step(pred, schedule(t_next)), pred.x0
+  return jax.lax.fori_loop(0, substeps, body, (z_t, jnp.zeros_like(z_t)))
+
+
+def ddim_x_target(z_t, z_s, x_at_end, logsnr_t, logsnr_s, s):
+  """The x that takes one DDIM step z_t -> z_s exactly; `x_at_end` where s = 0:
+
+    x = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)."""
+  alpha_t, sigma_t = alpha_sigma(broadcast_to_data(logsnr_t, z_t))
+  alpha_s, sigma_s = alpha_sigma(broadcast_to_data(logsnr_s, z_t))
+  ratio = sigma_s / sigma_t
+  x_target = (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
+  return jnp.where(broadcast_to_data(s, z_t) == 0.0, x_at_end, x_target)
+
+
 MODES = ("ddim", "ancestral", "renoise")
 
 

@@ -17,8 +17,9 @@ DMD2 generator step, x = G(z_{t_k}):
   x_real = teacher(z_t) (classifier-free guided if conditional),  x_fake = critic(z_t),
   p_real = x - x_real,  p_fake = x - x_fake,  grad = (p_real - p_fake) / mean|p_real|  (per example),
   loss = 0.5 ||x - sg(x - grad)||^2   (its gradient w.r.t. x is `grad`)
-  [+ regression to the teacher's ODE sample from the same noise (DMD1; a fixed set of pairs
-     computed once before training, `regression_pairs`)]
+  [+ regression to the teacher's ODE trajectory from stored noise (DMD1: G(noise) -> the
+     teacher's sample; K > 1: step k from the teacher's z_{t_k} onto its z_{s_k}; a fixed set of
+     pairs computed once before training, `regression_pairs`)]
   [+ non-saturating GAN loss from a head on the critic's bottleneck features]
 TDM generator step, x_s = G(z_{t_k}):
   target = sg(x_s + (x_real - x_fake)),  loss = pseudo_huber(x_s - target) / sg(mean|x_s - x_real|).
@@ -28,6 +29,7 @@ Critic step: a denoising loss on sg(G samples), weighted by `critic_weighting`: 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -39,7 +41,7 @@ from absl import logging
 
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.diffusion.parameterization import broadcast_to_data, clip_x0
-from jdistill.diffusion.sampling import ddim_step, renoise_step, sample
+from jdistill.diffusion.sampling import ddim_segment, ddim_step, ddim_x_target, renoise_step
 from jdistill.models.denoiser import with_step_embedding
 from jdistill.models.unet import MAX_STEPS
 from jdistill.objectives.denoising import forward_process
@@ -73,7 +75,7 @@ class DistributionMatchingObjective:
   t_max: float = 0.98
   guidance: float = 0.0
   critic_weighting: str = "v_mse"
-  regression_weight: float = 0.0   # DMD1 regression to teacher ODE samples (frozen['regression'])
+  regression_weight: float = 0.0   # DMD1 regression to the teacher's ODE (frozen['regression'])
   regression_steps: int = 32
   gan_weight: float = 0.0
   huber_c: float = 0.03
@@ -106,21 +108,53 @@ class DistributionMatchingObjective:
   def eval_params(self, state, frozen=None):
     return state.generator.ema_params
 
+  def regression_grid(self):
+    """M: the regression pairs keep the teacher's ODE state at t = m / M, M = lcm of the K in use."""
+    return math.lcm(*self.step_counts())
+
   def regression_pairs(self, teacher_params, num_pairs, seed=0, batch_size=500):
-    """DMD1's fixed pairs {noise, label, x}: x is the teacher's `regression_steps`-step DDIM
-    sample from that noise (guided if conditional), computed once, before training."""
+    """DMD1's fixed pairs, computed once before training: {label, trajectory}, the teacher's
+    `regression_steps`-step DDIM trajectory (guided if conditional) from stored noise, kept at
+    t = m / M for m = M..0 (trajectory[:, 0] the noise, trajectory[:, -1] the sample x)."""
     rng = jax.random.key(seed)
     noise = jax.random.normal(rng, (num_pairs, *self.data_shape))
     label = (jax.random.randint(jax.random.fold_in(rng, 1), (num_pairs,), 0, self.denoiser.num_classes)
              if self.denoiser.num_classes else jnp.zeros((num_pairs,), jnp.int32))
     conditional = bool(self.denoiser.num_classes)
-    ode = jax.jit(lambda z, y: sample(
-        lambda z_, logsnr: self.denoiser.predict_guided(teacher_params, z_, logsnr,
-                                                        y if conditional else None, self.guidance),
-        self.schedule, z, self.regression_steps, clip_x=False))
-    x = jnp.concatenate([ode(noise[i:i + batch_size], label[i:i + batch_size])
-                         for i in range(0, num_pairs, batch_size)])
-    return {"noise": noise, "label": label, "x": x}
+    grid = self.regression_grid()
+    substeps = -(-self.regression_steps // grid)
+
+    @jax.jit
+    def ode(z, y):
+      predict = lambda z_, logsnr: self.denoiser.predict_guided(
+          teacher_params, z_, logsnr, y if conditional else None, self.guidance)
+      states = [z]
+      for m in range(grid, 0, -1):
+        t, s = jnp.full(z.shape[:1], m / grid), jnp.full(z.shape[:1], (m - 1) / grid)
+        z, x = ddim_segment(predict, self.schedule, z, t, s, substeps)
+        states.append(z if m > 1 else x)       # at s = 0: the last x prediction (the sampler's)
+      return jnp.stack(states, axis=1)
+    trajectory = jnp.concatenate([ode(noise[i:i + batch_size], label[i:i + batch_size])
+                                  for i in range(0, num_pairs, batch_size)])
+    return {"label": label, "trajectory": trajectory}
+
+  def regression_loss(self, params, pairs, steps, rng):
+    """Step k of K from the teacher's ODE state at t_k = (K - k) / K must land on its state at
+    s_k = t_k - 1 / K: x_target = the x of the one DDIM step z_t -> z_s (the sample x at s = 0).
+    K = 1 is DMD1's regression G(noise) -> x; K > 1 regresses every step onto its segment."""
+    rng_pick, rng_k = jax.random.split(rng)
+    batch = steps.shape[0]
+    pick = jax.random.randint(rng_pick, (batch,), 0, pairs["trajectory"].shape[0])
+    k = jnp.floor(jax.random.uniform(rng_k, (batch,)) * steps).astype(jnp.int32)
+    stride = self.regression_grid() // steps                    # grid points per generator step
+    rows = jnp.arange(batch)
+    trajectory = pairs["trajectory"][pick]
+    z_t, z_s = trajectory[rows, k * stride], trajectory[rows, (k + 1) * stride]
+    k_total = steps.astype(jnp.float32)
+    t, s = (k_total - k) / k_total, (k_total - k - 1) / k_total
+    x_target = ddim_x_target(z_t, z_s, z_s, self.schedule(t), self.schedule(s), s)
+    label = pairs["label"][pick] if self.denoiser.num_classes else None
+    return jnp.mean(per_example_mse(self.generate(params, z_t, t, label, steps), x_target))
 
   def bottleneck_channels(self, params):
     z = jnp.zeros((1, *self.data_shape))
@@ -252,15 +286,11 @@ class DistributionMatchingObjective:
       loss = jnp.mean(jnp.mean(huber, axis=axes) / normaliser)
     metrics = {"generator_dm_loss": loss,
                "score_difference": jnp.mean(jnp.sqrt(per_example_mse(x_real, x_fake)))}
-    if self.regression_weight > 0:      # DMD1: G(noise) vs the teacher's ODE sample from it
+    if self.regression_weight > 0:      # the teacher's ODE: DMD1 (K = 1), each step (K > 1)
       if regression is None:
         raise ValueError("config.dmd.regression_weight > 0 needs frozen['regression'] = "
                          "objective.regression_pairs(teacher_params, n) (the driver computes it)")
-      pick = jax.random.randint(rng_pairs, (x.shape[0],), 0, regression["x"].shape[0])
-      pair_label = regression["label"][pick] if self.denoiser.num_classes else None
-      t_noise = jnp.ones(steps.shape)            # from pure noise: t = 1 on any K-step grid
-      x_from_noise = self.generate(params, regression["noise"][pick], t_noise, pair_label, steps)
-      regression_loss = jnp.mean(per_example_mse(x_from_noise, regression["x"][pick]))
+      regression_loss = self.regression_loss(params, regression, steps, rng_pairs)
       loss = loss + self.regression_weight * regression_loss
       metrics["regression_loss"] = regression_loss
     if self.gan_weight > 0:

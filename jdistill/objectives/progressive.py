@@ -36,8 +36,6 @@ from jdistill.data import pipeline
 from jdistill.diffusion import sampling
 from jdistill.eval.evaluate import image_grid, save_png, time_sampling
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
-from jdistill.diffusion.parameterization import broadcast_to_data
-from jdistill.diffusion.schedules import alpha_sigma
 from jdistill.objectives.denoising import forward_process
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup
@@ -46,28 +44,6 @@ from jdistill.train import state as state_lib
 
 
 # ----------------------------------------------------------------------------- the math
-
-def teacher_ddim(predict, schedule, z_t, t, s, substeps):
-  """k = `substeps` (traced) deterministic DDIM steps of the teacher from (z_t, t) to s (per example).
-
-  Returns (z_s~, x prediction of the last teacher step)."""
-  def body(j, carry):
-    z, _ = carry
-    t_j = t - (t - s) * j / substeps
-    t_next = t - (t - s) * (j + 1) / substeps
-    pred = predict(z, schedule(t_j))
-    return sampling.ddim_step(pred, schedule(t_next)), pred.x0
-  return jax.lax.fori_loop(0, substeps, body, (z_t, jnp.zeros_like(z_t)))
-
-
-def student_x_target(z_t, z_s, teacher_x, logsnr_t, logsnr_s, s):
-  """The x that takes one DDIM step z_t -> z_s exactly; the teacher's x at s = 0."""
-  alpha_t, sigma_t = alpha_sigma(broadcast_to_data(logsnr_t, z_t))
-  alpha_s, sigma_s = alpha_sigma(broadcast_to_data(logsnr_s, z_t))
-  ratio = sigma_s / sigma_t
-  x_target = (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t)
-  return jnp.where(broadcast_to_data(s, z_t) == 0.0, teacher_x, x_target)
-
 
 def sample_student_time(rng, batch, student_steps):
   """i ~ U{0..N-1}; t = (i+1)/N, s = i/N."""
@@ -137,8 +113,8 @@ class ProgressiveObjective:
     z_t, logsnr_t = forward_process(x, t, eps, self.schedule)
     label = batch["label"] if self.denoiser.num_classes else None
     predict = lambda z, logsnr: self.denoiser.predict(teacher_params, z, logsnr, label)
-    z_s, teacher_x = teacher_ddim(predict, self.schedule, z_t, t, s, stage["teacher_substeps"])
-    x_target = student_x_target(z_t, z_s, teacher_x, logsnr_t, self.schedule(s), s)
+    z_s, teacher_x = sampling.ddim_segment(predict, self.schedule, z_t, t, s, stage["teacher_substeps"])
+    x_target = sampling.ddim_x_target(z_t, z_s, teacher_x, logsnr_t, self.schedule(s), s)
     return z_t, logsnr_t, jax.lax.stop_gradient(x_target), label
 
   def train_step(self, state, batch, rng, frozen, stage):
