@@ -159,7 +159,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
     config.dmd.critic_lr = 5e-4
     # DMD1's regression to 16-step teacher ODE trajectories speeds up the start, steadies TDM's chain
     config.dmd.update(regression_weight=0.25, regression_steps=16)
-    config.train.update(num_steps=5000, eval_every=1000)     # 1000 generator updates, ~12 min
+    config.train.update(num_steps=5000, eval_every=1000)     # 1000 generator updates: 12-16 min
   if preset == "toy2d":
     config.train.update(num_steps=3000 if not tdm else 6000, eval_every=1000 if not tdm else 2000)
   return config

@@ -396,7 +396,7 @@ def train(config, workdir: str):
     start = time.time()
     frozen["regression"] = objective.regression_pairs(teacher, d.regression_pairs, config.seed + 101)
     frozen_shardings["regression"] = partitioning.replicated(exp.mesh)
-    logging.info("DMD1 regression pairs: %d teacher ODE samples (%d DDIM steps) in %.0f s",
+    logging.info("Regression pairs: %d teacher ODE trajectories (%d DDIM steps) in %.0f s",
                  d.regression_pairs, d.regression_steps, time.time() - start)
   compiled = loop.compile_step(objective, exp.mesh, frozen_shardings=frozen_shardings)
   make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
