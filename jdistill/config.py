@@ -138,8 +138,8 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
       critic_lr=1e-4,
       critic_weighting="min_snr" if tdm else "v_mse",   # TDM: x0-MSE x min(SNR, 5)
       regression_weight=0.0, regression_steps=32,     # DMD1 regression to the teacher's ODE from
-      regression_pairs=1024,                           # fixed noise (pairs computed before training;
-                                                       # K > 1: every step onto its ODE segment)
+      regression_pairs=1024,                           # fixed noise, computed before training
+                                                       # (K > 1: every step onto its segment)
       gan_weight=0.0,                                  # GAN head on the critic's bottleneck
       huber_c=0.03,                                    # TDM pseudo-Huber constant
       remat=False,                                     # rematerialise the denoiser passes
@@ -157,7 +157,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
     config.data.batch_size = 32
     config.optim.update(lr=5e-4, schedule="cosine", final_lr_fraction=0.1)
     config.dmd.critic_lr = 5e-4
-    # DMD1's regression to 16-step teacher ODE trajectories speeds up the start, steadies TDM's chain
+    # regression to 16-step teacher ODE trajectories: a faster start, a steadier TDM chain
     config.dmd.update(regression_weight=0.25, regression_steps=16)
     config.train.update(num_steps=5000, eval_every=1000)     # 1000 generator updates: 12-16 min
   if preset == "toy2d":
@@ -199,11 +199,11 @@ def multi_teacher_config(preset: str = "digits") -> ml_collections.ConfigDict:
   if preset == "digits":        # the bundled teacher and two fine-tunes of it (configs/multi_teacher.py)
     config.data.batch_size = 64
     config.cache.noise_draws = 16             # 1297 digits x 16 (t, eps) draws
-    config.optim.lr = 1e-4                    # the student starts near the teachers: small steps
+    config.optim.lr = 2e-5                    # it starts at the soup, next to its target
     config.multi_teacher.student_init = "average"   # the teachers' weighted model soup
     config.train.num_steps = 1500
     config.multi_teacher.teachers = ml_collections.ConfigDict({
-        "base": dict(checkpoint=BUNDLED_DIGITS_TEACHER, weight=2.0),
+        "base": dict(checkpoint=BUNDLED_DIGITS_TEACHER, weight=1.0),
         "ft1": dict(checkpoint="runs/mt_teachers/ft1/teacher.msgpack", weight=1.0),
         "ft2": dict(checkpoint="runs/mt_teachers/ft2/teacher.msgpack", weight=1.0)})
   return config
