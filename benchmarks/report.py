@@ -103,7 +103,9 @@ def train_step_section(result):
   settings = result.get("settings", {})
   peers = settings.get("peers", [])
   dtype = settings.get("dtype", "f32")
-  lines = [f"### {result['machine'].get('backend', '?').upper()}, {dtype}", "", machine_line(result),
+  batches = sorted({r["batch"] for r in result["rows"]})
+  lines = [f"### {result['machine'].get('backend', '?').upper()}, {dtype}, batch "
+           + ", ".join(map(str, batches)), "", machine_line(result),
            "", f"Matmul peak {fmt(settings.get('peak_flops', 0) / 1e9)} GFLOP/s"
            + (f" at the start, {fmt(settings['peak_flops_end'] / 1e9)} at the end"
               if settings.get("peak_flops_end") else "") + ".", ""]
