@@ -147,9 +147,7 @@ class DistributionMatchingObjective:
     pick = jax.random.randint(rng_pick, (batch,), 0, pairs["trajectory"].shape[0])
     k = jnp.floor(jax.random.uniform(rng_k, (batch,)) * steps).astype(jnp.int32)
     stride = self.regression_grid() // steps                    # grid points per generator step
-    rows = jnp.arange(batch)
-    trajectory = pairs["trajectory"][pick]
-    z_t, z_s = trajectory[rows, k * stride], trajectory[rows, (k + 1) * stride]
+    z_t, z_s = pairs["trajectory"][pick, k * stride], pairs["trajectory"][pick, (k + 1) * stride]
     k_total = steps.astype(jnp.float32)
     t, s = (k_total - k) / k_total, (k_total - k - 1) / k_total
     x_target = ddim_x_target(z_t, z_s, z_s, self.schedule(t), self.schedule(s), s)
