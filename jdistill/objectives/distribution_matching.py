@@ -51,6 +51,11 @@ from jdistill.train.state import TrainState
 VARIANTS = ("dmd2", "tdm")
 
 
+def draw_step_index(rng, steps):
+  """k ~ U{0..K-1} per example: which step of its K-step generator an example trains."""
+  return jnp.floor(jax.random.uniform(rng, steps.shape) * steps).astype(jnp.int32)
+
+
 @flax.struct.dataclass
 class DistributionMatchingState:
   step: jnp.ndarray            # train_step calls (critic updates)
@@ -143,9 +148,8 @@ class DistributionMatchingObjective:
     s_k = t_k - 1 / K: x_target = the x of the one DDIM step z_t -> z_s (the sample x at s = 0).
     K = 1 is DMD1's regression G(noise) -> x; K > 1 regresses every step onto its segment."""
     rng_pick, rng_k = jax.random.split(rng)
-    batch = steps.shape[0]
-    pick = jax.random.randint(rng_pick, (batch,), 0, pairs["trajectory"].shape[0])
-    k = jnp.floor(jax.random.uniform(rng_k, (batch,)) * steps).astype(jnp.int32)
+    pick = jax.random.randint(rng_pick, steps.shape, 0, pairs["trajectory"].shape[0])
+    k = draw_step_index(rng_k, steps)
     stride = self.regression_grid() // steps                    # grid points per generator step
     z_t, z_s = pairs["trajectory"][pick, k * stride], pairs["trajectory"][pick, (k + 1) * stride]
     k_total = steps.astype(jnp.float32)
@@ -201,9 +205,8 @@ class DistributionMatchingObjective:
 
   def rollout(self, params, noise, label, steps, rng):
     """(z_{t_k}, t_k) per example, k ~ U{0..K-1}, from k generator steps without gradient."""
-    batch = noise.shape[0]
     rng_k, rng_noise = jax.random.split(rng)
-    k = jnp.floor(jax.random.uniform(rng_k, (batch,)) * steps).astype(jnp.int32)
+    k = draw_step_index(rng_k, steps)
     k_total = steps.astype(jnp.float32)
     params = jax.lax.stop_gradient(params)
     z, z_k = noise, noise
