@@ -34,9 +34,38 @@ def bias_init(axis="channels_out"):
 
 
 def norm(groups, dtype):
-  return nn.GroupNorm(num_groups=groups, dtype=dtype,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+  return GroupNorm(groups, dtype)
+
+
+class GroupNorm(nn.Module):
+  """nn.GroupNorm (epsilon 1e-6, params `scale` and `bias`), computed from per-channel sums over
+  the spatial axes, grouped and broadcast back by a (C, G) membership matmul. XLA:CPU fuses this
+  form better: 1.4-1.7x faster than nn.GroupNorm for norm + SiLU forward and backward, ~6% on the
+  whole 32x32 progressive step (benchmarks/README.md). Statistics in float32 at HIGHEST matmul
+  precision (a TPU would otherwise round the sums to bfloat16)."""
+  groups: int
+  dtype: jnp.dtype = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.groups:
+      raise ValueError(f"GroupNorm: {c} channels do not split into {self.groups} groups")
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (c,))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,))
+    x32 = x.astype(jnp.float32)
+    per_channel = x32.reshape(x.shape[0], -1, c)
+    member = jnp.asarray(  # member[c, g] = 1 if channel c is in group g
+        (jnp.arange(c)[:, None] // (c // self.groups)) == jnp.arange(self.groups), jnp.float32)
+    matmul = lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    count = per_channel.shape[1] * (c // self.groups)
+    mean = matmul(jnp.sum(per_channel, 1), member) / count                         # (B, G)
+    var = jnp.maximum(matmul(jnp.sum(per_channel * per_channel, 1), member) / count - mean ** 2, 0.0)
+    broadcast = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+    mean_c = matmul(mean, member.T).reshape(broadcast)
+    gain_c = (matmul(jax.lax.rsqrt(var + self.epsilon), member.T) * scale).reshape(broadcast)
+    return ((x32 - mean_c) * gain_c + bias).astype(self.dtype)
 
 
 class Conv(nn.Module):
