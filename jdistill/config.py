@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+from absl import logging
 import ml_collections
 
 from jdistill.diffusion.losses import WEIGHTINGS
@@ -196,16 +197,18 @@ def multi_teacher_config(preset: str = "digits") -> ml_collections.ConfigDict:
   config.teacher.sampling_steps = 64
   config.eval.update(steps_during_training=(16,), final_steps=(64, 16))
   config.train.update(num_steps=1000, log_every=50, eval_every=500, save_every=250)
-  if preset == "digits":        # the bundled teacher and two fine-tunes of it (configs/multi_teacher.py)
-    config.data.batch_size = 64
-    config.cache.noise_draws = 16             # 1297 digits x 16 (t, eps) draws
-    config.optim.lr = 2e-5                    # it starts at the soup, next to its target
-    config.multi_teacher.student_init = "average"   # the teachers' weighted model soup
-    config.train.num_steps = 1500
+  if preset == "digits":        # the bundled teacher and two trained from scratch (configs/multi_teacher.py)
+    # different seeds and budgets (16000, 3000, 2000 steps), so their errors are independent and
+    # their averaged prediction is better than the mean teacher; a student from scratch on it
+    config.data.batch_size = 128
+    config.cache.noise_draws = 64             # 1297 digits x 64 (t, eps) draws
+    config.optim.update(lr=1e-3, warmup_steps=200, final_lr_fraction=0.05, ema_decay=0.998)
+    config.multi_teacher.student_init = "random"
+    config.train.update(num_steps=4000, eval_every=1000)
     config.multi_teacher.teachers = ml_collections.ConfigDict({
         "base": dict(checkpoint=BUNDLED_DIGITS_TEACHER, weight=1.0),
-        "ft1": dict(checkpoint="runs/mt_teachers/ft1/teacher.msgpack", weight=1.0),
-        "ft2": dict(checkpoint="runs/mt_teachers/ft2/teacher.msgpack", weight=1.0)})
+        "s1": dict(checkpoint="runs/mt_teachers/s1/teacher.msgpack", weight=1.0),
+        "s2": dict(checkpoint="runs/mt_teachers/s2/teacher.msgpack", weight=1.0)})
   return config
 
 
@@ -276,6 +279,14 @@ def validate(config, num_devices: int):
   check(config.optim.schedule in ("constant", "cosine", "linear"), "optim.schedule",
         f"unknown {config.optim.schedule!r}")
   check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+  from_scratch = (config.method == "teacher" and not config.teacher.checkpoint) or (
+      config.method == "multi_teacher" and config.multi_teacher.student_init == "random")
+  init_share = config.optim.ema_decay ** config.train.num_steps   # decay^N: the init's EMA weight
+  if from_scratch and init_share > 0.01:
+    logging.warning("config.optim.ema_decay=%g over train.num_steps=%d: the final EMA still holds "
+                    "%.0f%% of the random initialisation, and it is what gets evaluated and "
+                    "exported; use a decay of about %.4f or less", config.optim.ema_decay,
+                    config.train.num_steps, 100 * init_share, 0.01 ** (1 / config.train.num_steps))
   check(config.data.batch_size > 0 and config.data.batch_size % num_devices == 0,
         "data.batch_size", f"{config.data.batch_size} is not divisible by the {num_devices} devices")
   check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")

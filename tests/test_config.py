@@ -140,6 +140,21 @@ def _schedule_warnings(caplog):
           if r.levelno == logging.WARNING and "progressive stage" in r.getMessage()]
 
 
+def test_short_from_scratch_run_warns_about_its_ema(warnings_log):
+  """decay^N is the random init's weight in the final EMA: 0.9995^2000 = 37% is warned about."""
+  ema_warnings = lambda: [r.getMessage() for r in warnings_log.records if "EMA" in r.getMessage()]
+  config = teacher_config.get_config("digits")
+  validate(config, 1)                                  # 16000 steps: 0.9995^16000 = 0.03%
+  assert ema_warnings() == []
+  config.train.num_steps = 2000
+  validate(config, 1)
+  assert len(ema_warnings()) == 1 and "37% of the random initialisation" in ema_warnings()[0]
+  assert "0.9977" in ema_warnings()[0]                 # 0.01 ** (1 / 2000)
+  config.teacher.checkpoint = "runs/teacher/teacher.msgpack"   # a fine-tune starts from a teacher
+  validate(config, 1)
+  assert len(ema_warnings()) == 1
+
+
 def test_default_schedule_halves(warnings_log):
   assert step_schedule(progressive(), 8) == [8, 4, 2, 1]
   assert step_schedule(progressive(), 2) == [2, 1]
