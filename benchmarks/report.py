@@ -99,13 +99,19 @@ last 0.3 s, and the table shows medians (`--repeats`, fewer for slow rows, at le
   (and in the middle block), GroupNorm (8 groups; 32 for 35M), 3 image channels."""
 
 
+def commit_note(result):
+  """Which steps and which code a grid measured, for its heading."""
+  steps = sorted({r["step"] for r in result["rows"]})
+  return ", ".join(steps) + f" (commit {result['machine'].get('commit', '?')})"
+
+
 def train_step_section(result):
   settings = result.get("settings", {})
   peers = settings.get("peers", [])
   dtype = settings.get("dtype", "f32")
   batches = sorted({r["batch"] for r in result["rows"]})
   lines = [f"### {result['machine'].get('backend', '?').upper()}, {dtype}, batch "
-           + ", ".join(map(str, batches)), "", machine_line(result),
+           + ", ".join(map(str, batches)) + f", {commit_note(result)}", "", machine_line(result),
            "", f"Matmul peak {fmt(settings.get('peak_flops', 0) / 1e9)} GFLOP/s"
            + (f" at the start, {fmt(settings['peak_flops_end'] / 1e9)} at the end"
               if settings.get("peak_flops_end") else "") + ".", ""]
@@ -230,7 +236,11 @@ torch's profiler), and fixed in the library:
 4. **GroupNorm** (after the tables above were measured): statistics from per-channel sums over
    H x W, grouped and broadcast back by a (C, G) membership matmul (`models/unet.py::GroupNorm`,
    nn.GroupNorm's params and function). Progressive step at batch 64 and 32x32, the two versions
-   alternating in one process: 0.5M 52.8 -> 56.0, 5M 17.7 -> 18.7 samples/s (+6%).
+   alternating in one process: 0.5M 52.8 -> 56.0, 5M 17.7 -> 18.7 samples/s (+6%). The progressive
+   rows re-measured with it (`results/train_step_cpu_progressive_groupnorm.json`, batch 64):
+   jdistill / torch eager 1.22, 0.99, 0.82 (0.5M at 8, 16, 32 px), 1.06, 1.00, 0.91 (5M), 0.91,
+   0.85, 0.85 (35M), against 1.08, 0.90, 0.77, 1.00, 0.93, 0.74, 0.91, 0.81, 0.86 in the grid
+   above (benchmarks/README.md).
 
 Tried and not kept (no gain inside the whole step, though faster in isolation): an earlier GroupNorm
 with per-channel statistics grouped by reshapes (plain and with a custom VJP), SiLU via tanh, an explicit
