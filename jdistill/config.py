@@ -282,7 +282,7 @@ def validate(config, num_devices: int):
   from_scratch = (config.method == "teacher" and not config.teacher.checkpoint) or (
       config.method == "multi_teacher" and config.multi_teacher.student_init == "random")
   init_share = config.optim.ema_decay ** config.train.num_steps   # decay^N: the init's EMA weight
-  if from_scratch and init_share > 0.01:
+  if from_scratch and config.train.num_steps > 0 and init_share > 0.01:
     logging.warning("config.optim.ema_decay=%g over train.num_steps=%d: the final EMA still holds "
                     "%.0f%% of the random initialisation, and it is what gets evaluated and "
                     "exported; use a decay of about %.4f or less", config.optim.ema_decay,

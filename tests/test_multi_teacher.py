@@ -28,10 +28,10 @@ from test_progressive import _scalars
 def test_weights_are_validated_and_normalised():
   config = multi_teacher_config("digits")
   validate(config, 1)
-  config.multi_teacher.teachers.ft1.weight = -1.0
-  with pytest.raises(ConfigError, match=r"config\.multi_teacher\.teachers\.ft1\.weight: must be a number >= 0"):
+  config.multi_teacher.teachers.s1.weight = -1.0
+  with pytest.raises(ConfigError, match=r"config\.multi_teacher\.teachers\.s1\.weight: must be a number >= 0"):
     validate(config, 1)
-  with pytest.raises(ConfigError, match=r"config\.multi_teacher\.teachers\.ft1\.weight"):
+  with pytest.raises(ConfigError, match=r"config\.multi_teacher\.teachers\.s1\.weight"):
     multi_teacher.teacher_weights(config.multi_teacher.teachers)
   for teacher_id in config.multi_teacher.teachers:
     config.multi_teacher.teachers[teacher_id].weight = 0.0
