@@ -33,10 +33,6 @@ def bias_init(axis="channels_out"):
   return nn.with_logical_partitioning(nn.initializers.zeros, (axis,))
 
 
-def norm(groups, dtype):
-  return GroupNorm(groups, dtype)
-
-
 class GroupNorm(nn.Module):
   """nn.GroupNorm (epsilon 1e-6, params `scale` and `bias`), computed from per-channel sums over
   the spatial axes, grouped and broadcast back by a (C, G) membership matmul. XLA:CPU fuses this
@@ -152,9 +148,9 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, emb, train: bool):
-    h = conv(self.features, self.dtype)(nn.swish(norm(self.groups, self.dtype)(x)))
+    h = conv(self.features, self.dtype)(nn.swish(GroupNorm(self.groups, self.dtype)(x)))
     h = h + dense(self.features, self.dtype)(nn.swish(emb))[:, None, None, :]
-    h = nn.swish(norm(self.groups, self.dtype)(h))
+    h = nn.swish(GroupNorm(self.groups, self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.features, self.dtype, scale=1e-10)(h)  # zero-ish init: block starts as identity
     if x.shape[-1] != self.features:
@@ -170,7 +166,7 @@ class AttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = norm(self.groups, self.dtype)(x).reshape(b, h * w, c)
+    y = GroupNorm(self.groups, self.dtype)(x).reshape(b, h * w, c)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.heads, dtype=self.dtype,
         kernel_init=nn.with_logical_partitioning(
@@ -241,7 +237,7 @@ class UNet(nn.Module):
       if level != 0:
         h = conv(h.shape[-1], self.dtype)(upsample_2x(h))
     assert not skips
-    h = nn.swish(norm(self.norm_groups, self.dtype)(h))
+    h = nn.swish(GroupNorm(self.norm_groups, self.dtype)(h))
     return conv(self.out_channels, self.dtype, scale=1e-10)(h).astype(jnp.float32)
 
 
