@@ -51,7 +51,9 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
       early_stopping_patience=0))
   c.eval = ml_collections.ConfigDict(dict(
       features="digits", inception_weights="", num_samples=1000, steps_during_training=(64,),
-      final_steps=(256, 64, 16, 4, 2, 1), batch_size=500))
+      final_steps=(256, 64, 16, 4, 2, 1), batch_size=500,
+      final_num_samples=0))     # the end-of-run FD tables (0: num_samples); FD's spread between
+                                # noise seeds falls with the count (docs/results.md)
   c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
   # timestep sampler: 'uniform' or 'adaptive' (jdistill/curriculum.py)
   c.curriculum = ml_collections.ConfigDict(dict(
@@ -161,6 +163,8 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
     # regression to 16-step teacher ODE trajectories: a faster start, a steadier TDM chain
     config.dmd.update(regression_weight=0.25, regression_steps=16)
     config.train.update(num_steps=5000, eval_every=1000)     # 1000 generator updates: 12-16 min
+    # the final table on 5000 samples: at 1000 one generator's FD spread 22-33 over noise seeds
+    config.eval.final_num_samples = 5000
   if preset == "toy2d":
     config.train.update(num_steps=3000 if not tdm else 6000, eval_every=1000 if not tdm else 2000)
   return config
@@ -313,6 +317,10 @@ def validate(config, num_devices: int):
     _validate_distribution_matching(config.dmd, check)
   check(config.eval.features in ("digits", "raw", "inception"), "eval.features",
         f"unknown feature net {config.eval.features!r}")
+  check(config.eval.num_samples >= 2, "eval.num_samples", "must be >= 2 (FD needs a covariance)")
+  final_count = config.eval.get("final_num_samples", 0)
+  check(final_count == 0 or final_count >= 2, "eval.final_num_samples",
+        f"must be 0 (= eval.num_samples) or >= 2, got {final_count}")
   source = config.data.source
   check(source in ("digits", "toy2d", "tfds", "image_folder"), "data.source",
         f"unknown source {source!r}; choose digits, toy2d, tfds or image_folder")

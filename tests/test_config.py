@@ -76,6 +76,8 @@ def _mutations():
       ("model.name", set_("model.name", "transformer"), 1),
       ("data.source", set_("data.source", "s3"), 1),
       ("data.path", lambda c: c.data.update(source="image_folder", path="/nonexistent/imgs"), 1),
+      ("eval.num_samples", set_("eval.num_samples", 1), 1),
+      ("eval.final_num_samples", set_("eval.final_num_samples", -5), 1),
   ]
 
 

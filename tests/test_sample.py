@@ -70,3 +70,20 @@ def test_bundled_checkerboard_teacher_serves_toy2d_and_only_checkerboard():
   assert teacher_lib.bundled_teacher_path(config).endswith("checkerboard_teacher.msgpack")
   config.data.name = "moons"
   assert teacher_lib.bundled_teacher_path(config) is None
+
+
+def test_final_tables_evaluate_on_final_num_samples(tiny_teacher_run, tmp_path):
+  config, _, params = tiny_teacher_run
+  config = config.copy_and_resolve_references()
+  config.eval.update(num_samples=32, final_num_samples=96)
+  exp = setup.build(config, str(tmp_path), record_config=False)
+  during, samples = exp.evaluator.evaluate(params, 2)
+  final, final_samples = exp.evaluator.evaluate(params, 2, final=True)
+  assert len(samples) == 32 and len(final_samples) == 96
+  # each FD is the one of its own samples against the held-out reference
+  assert during["fd"] == pytest.approx(exp.evaluator.fd_of(samples)["fd"], rel=1e-9)
+  assert final["fd"] == pytest.approx(exp.evaluator.fd_of(final_samples)["fd"], rel=1e-9)
+  assert final["fd"] != pytest.approx(during["fd"], rel=1e-3)
+  config.eval.final_num_samples = 0                     # 0: the training-time count
+  assert len(setup.build(config, str(tmp_path), record_config=False).evaluator.evaluate(
+      params, 2, final=True)[1]) == 32

@@ -63,8 +63,9 @@ class FDEvaluator:
   """FD of samples against the held-out split, in a feature net's space (+ sliced W for 2-D)."""
 
   def __init__(self, sampler: Sampler, reference_source, feature_name: str, num_samples: int,
-               inception_weights: str = "", seed: int = 1234):
+               inception_weights: str = "", seed: int = 1234, final_num_samples: int = 0):
     self.sampler, self.num_samples, self.seed = sampler, num_samples, seed
+    self.final_num_samples = final_num_samples or num_samples     # the end-of-run tables
     self.features = features_lib.feature_fn(feature_name, inception_weights)
     self.reference = pipeline.all_examples(reference_source)["x"]
     self.reference_stats = frechet.gaussian_stats(self.features(self.reference))
@@ -77,9 +78,11 @@ class FDEvaluator:
       result["swd"] = frechet.sliced_wasserstein(samples, self.reference)
     return result
 
-  def evaluate(self, params, num_steps: int, mode: str = "ddim"):
-    """({'fd': ..., ['swd': ...]}, samples) for `num_steps`-step sampling."""
-    samples = self.sampler.sample(params, num_steps, self.num_samples, self.seed, mode=mode)
+  def evaluate(self, params, num_steps: int, mode: str = "ddim", final: bool = False):
+    """({'fd': ..., ['swd': ...]}, samples) for `num_steps`-step sampling; `final`: with
+    `final_num_samples` (the end-of-run tables), else `num_samples` (evaluations during training)."""
+    count = self.final_num_samples if final else self.num_samples
+    samples = self.sampler.sample(params, num_steps, count, self.seed, mode=mode)
     return self.fd_of(samples), samples
 
 

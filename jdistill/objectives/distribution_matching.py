@@ -422,15 +422,18 @@ def train(config, workdir: str):
   best_manager.wait_until_finished()
   seconds = time.time() - start
   generator = objective.eval_params(state)
-  teacher_fd = exp.evaluator.evaluate(teacher, config.teacher.sampling_steps)[0]["fd"]
+  teacher_fd = exp.evaluator.evaluate(teacher, config.teacher.sampling_steps, final=True)[0]["fd"]
   rows = [("teacher (DDIM)", config.teacher.sampling_steps, teacher_fd,
            time_sampling(exp.sampler, teacher, config.teacher.sampling_steps))]
+  same_count = exp.evaluator.final_num_samples == exp.evaluator.num_samples
   for n in eval_steps:
-    fd = scalars.get(f"fd_{n}steps") or exp.evaluator.evaluate(generator, n, mode)[0]["fd"]
+    fd = (same_count and scalars.get(f"fd_{n}steps")) or exp.evaluator.evaluate(
+        generator, n, mode, final=True)[0]["fd"]
     rows.append((f"{d.variant} generator", n, fd, time_sampling(exp.sampler, generator, n, mode=mode)))
   lines = [f"# {d.variant.upper()}: {config.preset}", "",
            f"{num_steps} train steps ({num_steps // d.critic_updates_per_generator} generator "
-           f"updates), wall time {seconds / 60:.1f} min (this invocation)", "",
+           f"updates), wall time {seconds / 60:.1f} min (this invocation); FD on "
+           f"{exp.evaluator.final_num_samples} samples vs the held-out split", "",
            "| model | steps | FD | ms / sample |", "|---|---|---|---|"]
   lines += [f"| {name} | {n} | {fd:.4g} | {ms:.3f} |" for name, n, fd, ms in rows]
   if best:

@@ -259,7 +259,7 @@ def train(config, workdir: str):
   validation_loss = jax.jit(objective.validation_loss)
 
   teacher_ms = time_sampling(exp.sampler, original_teacher, steps[0])
-  teacher_fd = exp.evaluator.evaluate(original_teacher, steps[0])[0]["fd"]
+  teacher_fd = exp.evaluator.evaluate(original_teacher, steps[0], final=True)[0]["fd"]
   logging.info("Original teacher: %d DDIM steps, FD %.4g, %.3f ms/sample", steps[0], teacher_fd, teacher_ms)
   rows = [dict(stage="teacher", steps=steps[0], student_fd=teacher_fd, ddim_fd=teacher_fd,
                ms_per_sample=teacher_ms, speedup=1.0)]
@@ -346,11 +346,11 @@ def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_m
   cached = ckpt_lib.read_json(path)
   if cached is not None:
     return cached
-  if not last_eval:
-    result, samples = exp.evaluator.evaluate(student, n_student)
+  if not last_eval or exp.evaluator.final_num_samples != exp.evaluator.num_samples:
+    result, samples = exp.evaluator.evaluate(student, n_student, final=True)
     last_eval = dict(result=result, samples=samples)
   student_fd, student_samples = last_eval["result"]["fd"], last_eval["samples"]
-  ddim_result, ddim_samples = exp.evaluator.evaluate(original_teacher, n_student)
+  ddim_result, ddim_samples = exp.evaluator.evaluate(original_teacher, n_student, final=True)
   save_png(image_grid(student_samples), os.path.join(directory, "student_samples.png"))
   save_png(image_grid(ddim_samples), os.path.join(directory, "ddim_teacher_samples.png"))
   ms = time_sampling(exp.sampler, student, n_student)
@@ -371,7 +371,7 @@ def write_summary(workdir, rows, seconds, steps, exp):
     return
   lines = [f"# Progressive distillation: {exp.config.preset}", "",
            f"schedule {' -> '.join(map(str, steps))}, wall time {seconds / 60:.1f} min "
-           f"(this invocation), FD on {exp.config.eval.num_samples} samples vs the held-out split", "",
+           f"(this invocation), FD on {exp.evaluator.final_num_samples} samples vs the held-out split", "",
            "| stage | steps | student FD | DDIM teacher FD (same steps) | ms / sample | speedup |",
            "|---|---|---|---|---|---|"]
   for r in rows:

@@ -73,7 +73,7 @@ def fd_table(exp, params, steps_list):
   rows = []
   for n in steps_list:
     start = time.time()
-    result, samples = exp.evaluator.evaluate(params, n)
+    result, samples = exp.evaluator.evaluate(params, n, final=True)
     rows.append(dict(steps=n, **result, seconds=time.time() - start))
     eval_lib.save_png(eval_lib.image_grid(samples), os.path.join(exp.workdir, f"samples_{n}steps.png"))
     logging.info("DDIM %4d steps: %s", n, "  ".join(f"{k}={v:.4g}" for k, v in result.items()))
