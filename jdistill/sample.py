@@ -1,10 +1,11 @@
 """Draw samples from a trained run.
 
   python -m jdistill.sample --workdir=DIR [--checkpoint=PATH] --num_steps=N --num_samples=M --out=FILE.npz
-      [--mode=ddim|ancestral|renoise]
+      [--mode=ddim|ancestral|renoise] [--fd]
 
 Writes `samples` (images: uint8 NHWC in 0..255; 2-D data: float32 (M, 2)) and `labels` to FILE.npz,
-and a PNG grid next to it. The model comes from DIR/config.json; the params from --checkpoint (an
+and a PNG grid next to it; with --fd, also prints their FD against the held-out split in the run's
+feature space (re-measure any checkpoint at a larger sample count). The model comes from DIR/config.json; the params from --checkpoint (an
 Orbax checkpoints dir, a run dir, or an exported .msgpack), by default the run's latest student
 (progressive: its last stage) or its teacher.
 """
@@ -27,6 +28,7 @@ flags.DEFINE_integer("seed", 0, "Noise seed.")
 flags.DEFINE_enum("mode", None, ["ddim", "ancestral", "renoise"],
                   "Sampler: DDIM, DDPM ancestral, or re-noising (DMD2 generators). Default: renoise "
                   "for a DMD2 run, else DDIM.")
+flags.DEFINE_bool("fd", False, "Also print the samples' FD against the held-out split (config.eval.features).")
 flags.mark_flags_as_required(["workdir", "num_steps"])
 FLAGS = flags.FLAGS
 
@@ -60,7 +62,7 @@ def main(argv):
   if not config_path.exists():
     raise app.UsageError(f"--workdir={FLAGS.workdir}: no config.json; is it a jdistill run directory?")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  exp = setup.build(config, FLAGS.workdir, evaluator=False, record_config=False)
+  exp = setup.build(config, FLAGS.workdir, evaluator=FLAGS.fd, record_config=False)
   checkpoint = FLAGS.checkpoint or default_checkpoint(FLAGS.workdir)
   logging.info("Sampling %d x %d steps from %s", FLAGS.num_samples, FLAGS.num_steps, checkpoint)
   params = load_params(exp, checkpoint)
@@ -75,6 +77,10 @@ def main(argv):
   png = os.path.splitext(FLAGS.out)[0] + ".png"
   eval_lib.save_png(eval_lib.image_grid(samples), png)
   print(f"wrote {FLAGS.out} ({stored.shape}, {stored.dtype}) and {png}")
+  if FLAGS.fd:
+    result = exp.evaluator.fd_of(samples)
+    print(f"{checkpoint}: {FLAGS.num_steps} steps ({mode}), {FLAGS.num_samples} samples, seed "
+          f"{FLAGS.seed}: " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
 
 if __name__ == "__main__":
