@@ -1,7 +1,7 @@
 """Draw samples from a trained run.
 
   python -m jdistill.sample --workdir=DIR [--checkpoint=PATH] --num_steps=N --num_samples=M --out=FILE.npz
-      [--mode=ddim|ancestral|renoise] [--fd]
+      [--mode=ddim|ancestral|renoise] [--fd [--fd_repeats=R]]
 
 Writes `samples` (images: uint8 NHWC in 0..255; 2-D data: float32 (M, 2)) and `labels` to FILE.npz,
 and a PNG grid next to it; with --fd, also prints their FD against the held-out split in the run's
@@ -29,6 +29,7 @@ flags.DEFINE_enum("mode", None, ["ddim", "ancestral", "renoise"],
                   "Sampler: DDIM, DDPM ancestral, or re-noising (DMD2 generators). Default: renoise "
                   "for a DMD2 run, else DDIM.")
 flags.DEFINE_bool("fd", False, "Also print the samples' FD against the held-out split (config.eval.features).")
+flags.DEFINE_integer("fd_repeats", 1, "With --fd: FD for this many noise seeds (--seed onwards), and their mean.")
 flags.mark_flags_as_required(["workdir", "num_steps"])
 FLAGS = flags.FLAGS
 
@@ -66,22 +67,31 @@ def main(argv):
   checkpoint = FLAGS.checkpoint or default_checkpoint(FLAGS.workdir)
   logging.info("Sampling %d x %d steps from %s", FLAGS.num_samples, FLAGS.num_steps, checkpoint)
   params = load_params(exp, checkpoint)
-  labels = None
-  if exp.denoiser.num_classes:
-    labels = np.random.RandomState(FLAGS.seed).randint(0, exp.denoiser.num_classes, FLAGS.num_samples)
   mode = FLAGS.mode or ("renoise" if config.get("dmd", {}).get("variant") == "dmd2" else "ddim")
-  samples = exp.sampler.sample(params, FLAGS.num_steps, FLAGS.num_samples, FLAGS.seed,
-                               labels=labels, mode=mode)
+
+  def draw(seed):
+    labels = None
+    if exp.denoiser.num_classes:
+      labels = np.random.RandomState(seed).randint(0, exp.denoiser.num_classes, FLAGS.num_samples)
+    return exp.sampler.sample(params, FLAGS.num_steps, FLAGS.num_samples, seed, labels=labels,
+                              mode=mode), labels
+
+  samples, labels = draw(FLAGS.seed)
   stored = eval_lib.to_uint8(samples) if samples.ndim == 4 else samples.astype(np.float32)
   np.savez(FLAGS.out, samples=stored, labels=np.zeros(0) if labels is None else labels)
   png = os.path.splitext(FLAGS.out)[0] + ".png"
   eval_lib.save_png(eval_lib.image_grid(samples), png)
   print(f"wrote {FLAGS.out} ({stored.shape}, {stored.dtype}) and {png}")
-  if FLAGS.fd:
-    result = exp.evaluator.fd_of(samples)
-    print(f"{checkpoint}: {FLAGS.num_steps} steps ({mode}), {FLAGS.num_samples} samples, seed "
-          f"{FLAGS.seed}: " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()))
-
+  if FLAGS.fd:                # FD's spread over noise seeds is large at small counts: repeat
+    fds = []
+    for seed in range(FLAGS.seed, FLAGS.seed + FLAGS.fd_repeats):
+      result = exp.evaluator.fd_of(samples if seed == FLAGS.seed else draw(seed)[0])
+      fds.append(result["fd"])
+      print(f"{checkpoint}: {FLAGS.num_steps} steps ({mode}), {FLAGS.num_samples} samples, seed "
+            f"{seed}: " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()), flush=True)
+    if len(fds) > 1:
+      print(f"fd mean {np.mean(fds):.4g} std {np.std(fds):.2g} over seeds {FLAGS.seed}.."
+            f"{FLAGS.seed + len(fds) - 1}")
 
 if __name__ == "__main__":
   app.run(main)

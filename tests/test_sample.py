@@ -31,7 +31,7 @@ def test_sample_cli_writes_uint8_nhwc_and_a_png(tiny_teacher_run, tmp_path, chec
   _, workdir, _ = tiny_teacher_run
   out = tmp_path / "s.npz"
   cmd = [sys.executable, "-m", "jdistill.sample", f"--workdir={workdir}", "--num_steps=3",
-         "--num_samples=12", f"--out={out}", "--fd"]
+         "--num_samples=12", f"--out={out}", "--fd", "--fd_repeats=2"]
   if checkpoint:
     cmd.append(f"--checkpoint={os.path.join(workdir, checkpoint)}")
   result = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -43,9 +43,14 @@ def test_sample_cli_writes_uint8_nhwc_and_a_png(tiny_teacher_run, tmp_path, chec
   # --fd: the FD of exactly these samples (the run's params, seed 0) against the held-out split
   config, _, params = tiny_teacher_run
   exp = setup.build(config, str(tmp_path / "check"), record_config=False)
-  expected = exp.evaluator.fd_of(exp.sampler.sample(params, 3, 12, 0))["fd"]
-  printed = float(result.stdout.split("fd ")[-1].split()[0])
-  assert printed == pytest.approx(expected, rel=1e-3)
+  fd = lambda line: float(line.split(" fd ")[-1].split()[0])
+  lines = {line.split("seed ")[1].split(":")[0]: line for line in result.stdout.splitlines()
+           if "samples, seed" in line}
+  for seed in (0, 1):
+    expected = exp.evaluator.fd_of(exp.sampler.sample(params, 3, 12, seed))["fd"]
+    assert fd(lines[str(seed)]) == pytest.approx(expected, rel=1e-3)
+  mean = float(result.stdout.split("fd mean ")[1].split()[0])
+  assert mean == pytest.approx((fd(lines["0"]) + fd(lines["1"])) / 2, rel=1e-3)
 
 
 def test_exported_teacher_equals_checkpoint_ema(tiny_teacher_run):
