@@ -5,9 +5,9 @@
 
 Writes `samples` (images: uint8 NHWC in 0..255; 2-D data: float32 (M, 2)) and `labels` to FILE.npz,
 and a PNG grid next to it; with --fd, also prints their FD against the held-out split in the run's
-feature space (re-measure any checkpoint at a larger sample count). The model comes from DIR/config.json; the params from --checkpoint (an
-Orbax checkpoints dir, a run dir, or an exported .msgpack), by default the run's latest student
-(progressive: its last stage) or its teacher.
+feature space (re-measure any checkpoint at a larger sample count). The model comes from
+DIR/config.json; the params from --checkpoint (an Orbax checkpoints dir, a run dir, or an exported
+.msgpack), by default the run's latest student (progressive: its last stage) or its teacher.
 """
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def main(argv):
     if len(fds) > 1:
       print(f"fd mean {np.mean(fds):.4g} std {np.std(fds):.2g} over seeds {FLAGS.seed}.."
             f"{FLAGS.seed + len(fds) - 1}")
+
 
 if __name__ == "__main__":
   app.run(main)
