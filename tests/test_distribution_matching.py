@@ -255,11 +255,16 @@ def test_driver_writes_summary_and_keeps_the_best_generator(tmp_path):
   import json
   config = distribution_matching_config("toy2d", "dmd2")
   config.train.update(num_steps=20, eval_every=10, save_every=10, log_every=10)
-  config.eval.num_samples = 500
+  config.eval.update(num_samples=500, final_num_samples=600)
   config.dmd.update(critic_updates_per_generator=2, eval_steps=(1,))
-  dm.train(config, str(tmp_path))
+  generator = dm.train(config, str(tmp_path))
   summary = open(tmp_path / "summary.md").read()
   assert "| teacher (DDIM) | 64 |" in summary and "| dmd2 generator | 1 |" in summary
+  assert "FD on 600 samples" in summary
+  # the generator's row is a fresh 600-sample evaluation, not the loop's last 500-sample one
+  exp = setup.build(config, str(tmp_path / "check"), record_config=False)
+  fd = exp.evaluator.evaluate(generator, 1, "renoise", final=True)[0]["fd"]
+  assert f"| dmd2 generator | 1 | {fd:.4g} |" in summary
   assert "Best evaluated 1-step FD" in summary
   best = ckpt_lib.manager(str(tmp_path / "best"), asynchronous=False)
   assert best.latest_step() in (10, 20)

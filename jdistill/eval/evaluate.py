@@ -71,6 +71,11 @@ class FDEvaluator:
     self.reference_stats = frechet.gaussian_stats(self.features(self.reference))
     self.is_2d = len(sampler.data_shape) == 1
 
+  @property
+  def final_reuses_training_count(self) -> bool:
+    """Whether an end-of-run table may reuse an evaluation from training (the same sample count)."""
+    return self.final_num_samples == self.num_samples
+
   def fd_of(self, samples) -> dict:
     result = {"fd": frechet.frechet_distance_from_stats(
         *frechet.gaussian_stats(self.features(samples)), *self.reference_stats)}

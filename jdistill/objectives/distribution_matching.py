@@ -425,10 +425,9 @@ def train(config, workdir: str):
   teacher_fd = exp.evaluator.evaluate(teacher, config.teacher.sampling_steps, final=True)[0]["fd"]
   rows = [("teacher (DDIM)", config.teacher.sampling_steps, teacher_fd,
            time_sampling(exp.sampler, teacher, config.teacher.sampling_steps))]
-  same_count = exp.evaluator.final_num_samples == exp.evaluator.num_samples
   for n in eval_steps:
-    fd = (same_count and scalars.get(f"fd_{n}steps")) or exp.evaluator.evaluate(
-        generator, n, mode, final=True)[0]["fd"]
+    fd = ((exp.evaluator.final_reuses_training_count and scalars.get(f"fd_{n}steps"))
+          or exp.evaluator.evaluate(generator, n, mode, final=True)[0]["fd"])
     rows.append((f"{d.variant} generator", n, fd, time_sampling(exp.sampler, generator, n, mode=mode)))
   lines = [f"# {d.variant.upper()}: {config.preset}", "",
            f"{num_steps} train steps ({num_steps // d.critic_updates_per_generator} generator "

@@ -346,7 +346,7 @@ def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_m
   cached = ckpt_lib.read_json(path)
   if cached is not None:
     return cached
-  if not last_eval or exp.evaluator.final_num_samples != exp.evaluator.num_samples:
+  if not last_eval or not exp.evaluator.final_reuses_training_count:
     result, samples = exp.evaluator.evaluate(student, n_student, final=True)
     last_eval = dict(result=result, samples=samples)
   student_fd, student_samples = last_eval["result"]["fd"], last_eval["samples"]
