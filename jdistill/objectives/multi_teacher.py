@@ -202,14 +202,14 @@ def train(config, workdir: str):
   if mt.evaluate_teachers:     # every teacher at the student's step counts: the comparison
     for teacher_id in ids:
       params = teacher_lib.load_checkpoint(mt.teachers[teacher_id].checkpoint, exp.abstract_params())
-      teachers[teacher_id]["fd"] = {r["steps"]: exp.evaluator.evaluate(params, r["steps"], final=True)[0]["fd"]
-                                    for r in rows}
+      teachers[teacher_id]["fd"] = {
+          r["steps"]: exp.evaluator.evaluate(params, r["steps"], final=True)[0]["fd"] for r in rows}
       logging.info("Teacher %s: FD %s", teacher_id, teachers[teacher_id]["fd"])
-  write_result(workdir, config, rows, teachers, train_seconds, caches)
+  write_result(workdir, config, rows, teachers, train_seconds, caches, exp.evaluator.final_num_samples)
   return student
 
 
-def write_result(workdir, config, rows, teachers, train_seconds, caches):
+def write_result(workdir, config, rows, teachers, train_seconds, caches, fd_samples):
   """result.json and summary.md: the student's FD per step count next to every teacher's."""
   if jax.process_index() != 0:
     return
@@ -221,7 +221,7 @@ def write_result(workdir, config, rows, teachers, train_seconds, caches):
   lines = [f"# Multi-teacher distillation: {config.preset}", "",
            f"{config.train.num_steps} train steps on {caches.latents['num_records']} samples x "
            f"{caches.noise_draws} cached noise draws, {train_seconds / 60:.1f} min (this invocation); "
-           f"FD (DDIM) on {config.eval.final_num_samples or config.eval.num_samples} samples vs the held-out split", "",
+           f"FD (DDIM) on {fd_samples} samples vs the held-out split", "",
            "| model | weight | " + " | ".join(f"FD, {r['steps']} steps" for r in rows) + " |",
            "|---|---|" + "---|" * len(rows)]
   evaluated = {i: t for i, t in teachers.items() if "fd" in t}
