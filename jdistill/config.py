@@ -45,6 +45,7 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, warmup_steps=200, schedule="cosine", final_lr_fraction=0.05,
       grad_clip=1.0, weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, ema_decay=0.9995,
+      ema_warmup=False,         # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
       accumulate_steps=1))
   c.train = ml_collections.ConfigDict(dict(
       num_steps=16000, log_every=200, eval_every=4000, save_every=1000,

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from clu import metric_writers
 
@@ -97,6 +98,26 @@ def test_gradient_accumulation_equals_one_large_batch():
     np.testing.assert_allclose(x, y, rtol=1e-6)
   for x, y in zip(jax.tree.leaves(a.ema_params), jax.tree.leaves(b.ema_params)):
     np.testing.assert_allclose(x, y, rtol=1e-6)     # the EMA moved once, like the large batch
+
+
+def test_ema_warmup_decay_is_min_of_decay_and_n_schedule():
+  """EMA warmup: after n updates the decay is min(decay, (1 + n) / (10 + n)); by hand with plain
+  SGD (lr 1, gradient -1: the param counts the updates)."""
+  optimizer = optax.identity()
+  state = state_lib.create({"w": jnp.zeros(())}, optimizer)
+  ema, decay = 0.0, 0.5
+  for n in range(6):
+    state = state_lib.apply_gradients(state, {"w": -jnp.ones(())}, optimizer, decay, 1.0,
+                                      ema_warmup=True)
+    d = min(decay, (1 + n) / (10 + n))
+    ema = d * ema + (1 - d) * (n + 1)
+    np.testing.assert_allclose(state.ema_params["w"], ema, rtol=1e-6)
+  first = state_lib.apply_gradients(state_lib.create({"w": jnp.zeros(())}, optimizer),
+                                    {"w": -jnp.ones(())}, optimizer, decay, 1.0, ema_warmup=True)
+  plain = state_lib.apply_gradients(state_lib.create({"w": jnp.zeros(())}, optimizer),
+                                    {"w": -jnp.ones(())}, optimizer, decay, 1.0)
+  np.testing.assert_allclose(first.ema_params["w"], 0.9)    # n = 0: decay 1/10, w = 1
+  np.testing.assert_allclose(plain.ema_params["w"], 0.5)    # without warmup: the decay itself
 
 
 def test_early_stopping_keeps_best_and_resume_does_not_train_on(tmp_path, digits_config):

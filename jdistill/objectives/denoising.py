@@ -73,7 +73,8 @@ class DenoisingObjective:
     (loss, (t, per_example)), grads = jax.value_and_grad(self.loss, has_aux=True)(
         state.params, batch, rng, state.curriculum)
     lr = state_lib.learning_rate(self.optim, state.step, self.num_steps)
-    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr)
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr,
+                                          self.optim.ema_warmup)
     metrics = {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr}
     new_state = curriculum_lib.advance(self.curriculum, state, new_state, t, per_example, metrics)
     new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)

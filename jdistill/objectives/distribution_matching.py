@@ -338,7 +338,8 @@ class DistributionMatchingObjective:
       lr = state_lib.learning_rate(self.generator_optim, state.generator.step,
                                    self.num_steps // self.critic_updates_per_generator)
       generator = state_lib.apply_gradients(state.generator, grads, self.generator_optimizer,
-                                            self.ema_decay, lr)
+                                            self.ema_decay, lr,
+                                            self.generator_optim.ema_warmup)
       return generator, dict(metrics, generator_loss=loss,
                              generator_grad_norm=state_lib.global_norm(grads))
 

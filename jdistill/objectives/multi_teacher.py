@@ -89,7 +89,8 @@ class MultiTeacherObjective:
 
     (loss, x_hat), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     lr = state_lib.learning_rate(self.optim, state.step, self.num_steps)
-    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr)
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr,
+                                          self.optim.ema_warmup)
     metrics = {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr}
     for k, teacher_id in enumerate(self.teacher_ids):
       metrics[f"loss_{teacher_id}"] = jnp.mean(self.distance(x_hat, teacher_x[:, k], logsnr))

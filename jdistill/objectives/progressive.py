@@ -146,7 +146,8 @@ class ProgressiveObjective:
     (loss, (x_hat, per_example, feature_loss)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     lr = state_lib.learning_rate(self.optim, state.step, stage["num_steps"])
-    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr)
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr,
+                                          self.optim.ema_warmup)
     metrics = {
         "distill_loss": jnp.mean(per_example),
         "reconstruction_mse": jnp.mean(per_example_mse(x_hat, batch["x"])),  # diagnostic: vs data x

@@ -61,12 +61,17 @@ def create(params, optimizer, ema: bool = True) -> TrainState:
                     ema_params=params if ema else None, opt_state=optimizer.init(params))
 
 
-def apply_gradients(state: TrainState, grads, optimizer, ema_decay, lr) -> TrainState:
-  """params <- params - lr * direction, then EMA: ema <- decay * ema + (1 - decay) * params."""
+def apply_gradients(state: TrainState, grads, optimizer, ema_decay, lr, ema_warmup=False) -> TrainState:
+  """params <- params - lr * direction, then EMA: ema <- decay * ema + (1 - decay) * params.
+  With `ema_warmup` the decay after n updates is min(decay, (1 + n) / (10 + n)): the EMA averages
+  about the last n / 9 updates until it reaches `decay`, so it neither lags early nor forgets late."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
   if state.ema_params is None:                  # a network kept without EMA (a critic)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  if ema_warmup:
+    n = state.step.astype(jnp.float32)
+    ema_decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
   if isinstance(optimizer, optax.MultiSteps):   # the EMA moves only when the params do
     ema_decay = jnp.where(optimizer.has_updated(opt_state), ema_decay, 1.0)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
