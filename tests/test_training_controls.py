@@ -105,7 +105,7 @@ def test_ema_warmup_decay_is_min_of_decay_and_n_schedule():
   SGD (lr 1, gradient -1: the param counts the updates)."""
   optimizer = optax.identity()
   state = state_lib.create({"w": jnp.zeros(())}, optimizer)
-  ema, decay = 0.0, 0.5
+  ema, decay = 0.0, 0.3                     # the schedule passes 0.3 at n = 3
   for n in range(6):
     state = state_lib.apply_gradients(state, {"w": -jnp.ones(())}, optimizer, decay, 1.0,
                                       ema_warmup=True)
@@ -117,7 +117,18 @@ def test_ema_warmup_decay_is_min_of_decay_and_n_schedule():
   plain = state_lib.apply_gradients(state_lib.create({"w": jnp.zeros(())}, optimizer),
                                     {"w": -jnp.ones(())}, optimizer, decay, 1.0)
   np.testing.assert_allclose(first.ema_params["w"], 0.9)    # n = 0: decay 1/10, w = 1
-  np.testing.assert_allclose(plain.ema_params["w"], 0.5)    # without warmup: the decay itself
+  np.testing.assert_allclose(plain.ema_params["w"], 0.7)    # without warmup: the decay itself
+  # with gradient accumulation n counts real updates: 2 micro-steps of 2 = the first update
+  micro = state_lib.make_optimizer(_optim(accumulate_steps=2))
+  accumulated, ema, params = state_lib.create({"w": jnp.zeros(())}, micro), 0.0, []
+  for _ in range(4):
+    accumulated = state_lib.apply_gradients(accumulated, {"w": -jnp.ones(())}, micro, decay, 1e-2,
+                                            ema_warmup=True)
+    params.append(float(accumulated.params["w"]))
+  for n, w in enumerate(params[1::2]):      # the params after real updates 1 and 2
+    d = min(decay, (1 + n) / (10 + n))
+    ema = d * ema + (1 - d) * w
+  np.testing.assert_allclose(accumulated.ema_params["w"], ema, rtol=1e-6)
 
 
 def test_early_stopping_keeps_best_and_resume_does_not_train_on(tmp_path, digits_config):

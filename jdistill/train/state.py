@@ -69,8 +69,9 @@ def apply_gradients(state: TrainState, grads, optimizer, ema_decay, lr, ema_warm
   params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
   if state.ema_params is None:                  # a network kept without EMA (a critic)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  if ema_warmup:
-    n = state.step.astype(jnp.float32)
+  if ema_warmup:                                # n: real updates so far, not micro-steps
+    n = (state.opt_state.gradient_step if isinstance(optimizer, optax.MultiSteps)
+         else state.step).astype(jnp.float32)
     ema_decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
   if isinstance(optimizer, optax.MultiSteps):   # the EMA moves only when the params do
     ema_decay = jnp.where(optimizer.has_updated(opt_state), ema_decay, 1.0)
