@@ -164,7 +164,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
     config.dmd.critic_lr = 5e-4
     # regression to 16-step teacher ODE trajectories: a faster start, a steadier TDM chain
     config.dmd.update(regression_weight=0.25, regression_steps=16)
-    config.train.update(num_steps=5000, eval_every=1000)     # 1000 generator updates: 12-19 min
+    config.train.update(num_steps=5000, eval_every=1000)     # TDM: 1000 generator updates, ~20 min
     if tdm:   # TDM's normalised pseudo-Huber gradient is ~30x the regression's at weight 1: at 100
       # the regression along the teacher's trajectory leads and the DM term corrects (results.md)
       config.dmd.update(regression_weight=100.0, regression_pairs=8192)
@@ -294,7 +294,9 @@ def validate(config, num_devices: int):
   from_scratch = (config.method == "teacher" and not config.teacher.checkpoint) or (
       config.method == "multi_teacher" and config.multi_teacher.student_init == "random")
   init_share = config.optim.ema_decay ** config.train.num_steps   # decay^N: the init's EMA weight
-  if from_scratch and config.train.num_steps > 0 and init_share > 0.01:
+  # (with ema_warmup the first update's decay is 1/10, so the init is all but gone from the EMA)
+  warn = from_scratch and not config.optim.ema_warmup and config.train.num_steps > 0
+  if warn and init_share > 0.01:
     logging.warning("config.optim.ema_decay=%g over train.num_steps=%d: the final EMA still holds "
                     "%.0f%% of the random initialisation, and it is what gets evaluated and "
                     "exported; use a decay of about %.4f or less", config.optim.ema_decay,

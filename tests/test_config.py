@@ -152,6 +152,10 @@ def test_short_from_scratch_run_warns_about_its_ema(warnings_log):
   validate(config, 1)
   assert len(ema_warnings()) == 1 and "37% of the random initialisation" in ema_warnings()[0]
   assert "0.9977" in ema_warnings()[0]                 # 0.01 ** (1 / 2000)
+  config.optim.ema_warmup = True                       # decay 1/10 at the first update: no init left
+  validate(config, 1)
+  assert len(ema_warnings()) == 1
+  config.optim.ema_warmup = False
   config.teacher.checkpoint = "runs/teacher/teacher.msgpack"   # a fine-tune starts from a teacher
   validate(config, 1)
   assert len(ema_warnings()) == 1
