@@ -37,12 +37,11 @@ class DenoisingObjective:
   denoiser: Any
   schedule: Any
   optimizer: Any
-  optim: Any                      # config.optim (learning-rate schedule)
+  optim: Any                      # config.optim (lr schedule, EMA decay and warmup)
   num_steps: int
   data_shape: tuple
   weighting: str = "v_mse"
   min_snr_gamma: float = 5.0
-  ema_decay: float = 0.999
   label_dropout: float = 0.1
   curriculum: Any = None           # None: t ~ U(0, 1); else an AdaptiveCurriculumScheduler
 
@@ -73,7 +72,7 @@ class DenoisingObjective:
     (loss, (t, per_example)), grads = jax.value_and_grad(self.loss, has_aux=True)(
         state.params, batch, rng, state.curriculum)
     lr = state_lib.learning_rate(self.optim, state.step, self.num_steps)
-    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr,
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.optim.ema_decay, lr,
                                           self.optim.ema_warmup)
     metrics = {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr}
     new_state = curriculum_lib.advance(self.curriculum, state, new_state, t, per_example, metrics)

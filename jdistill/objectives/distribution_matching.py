@@ -69,7 +69,7 @@ class DistributionMatchingObjective:
   schedule: Any
   generator_optimizer: Any
   critic_optimizer: Any
-  generator_optim: Any             # config.optim (lr schedule of the generator)
+  generator_optim: Any             # config.optim (the generator's lr schedule and EMA)
   critic_optim: Any                # config.optim with config.dmd.critic_lr
   data_shape: tuple
   num_steps: int                   # train_step calls in the run (for the lr schedules)
@@ -84,7 +84,6 @@ class DistributionMatchingObjective:
   regression_steps: int = 32
   gan_weight: float = 0.0
   huber_c: float = 0.03
-  ema_decay: float = 0.999
   remat: bool = False
   unify_steps: tuple = ()          # TDM-unify: K drawn per example from these, told to both nets
   step_intervals: bool = True      # TDM: diffuse step k's x_hat only within its interval [s_k, t_k]
@@ -338,7 +337,7 @@ class DistributionMatchingObjective:
       lr = state_lib.learning_rate(self.generator_optim, state.generator.step,
                                    self.num_steps // self.critic_updates_per_generator)
       generator = state_lib.apply_gradients(state.generator, grads, self.generator_optimizer,
-                                            self.ema_decay, lr,
+                                            self.generator_optim.ema_decay, lr,
                                             self.generator_optim.ema_warmup)
       return generator, dict(metrics, generator_loss=loss,
                              generator_grad_norm=state_lib.global_norm(grads))
@@ -377,7 +376,7 @@ def make_objective(exp, num_steps):
       critic_updates_per_generator=d.critic_updates_per_generator, t_min=d.t_min, t_max=d.t_max,
       guidance=c.diffusion.guidance, critic_weighting=d.critic_weighting,
       regression_weight=d.regression_weight, regression_steps=d.regression_steps,
-      gan_weight=d.gan_weight, huber_c=d.huber_c, ema_decay=c.optim.ema_decay, remat=d.remat,
+      gan_weight=d.gan_weight, huber_c=d.huber_c, remat=d.remat,
       unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals,
       step_aware_critic=d.step_aware_critic, clip_x=c.diffusion.clip_x)
 

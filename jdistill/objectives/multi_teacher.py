@@ -50,14 +50,13 @@ class MultiTeacherObjective:
   denoiser: Any
   schedule: Any
   optimizer: Any
-  optim: Any                      # config.optim (learning-rate schedule)
+  optim: Any                      # config.optim (lr schedule, EMA decay and warmup)
   num_steps: int
   data_shape: tuple
   teacher_ids: tuple              # the order of batch['teacher_v'][:, k] and frozen['weights'][k]
   weighting: str = "v_mse"
   min_snr_gamma: float = 5.0
   huber_delta: Optional[float] = None   # None: mse
-  ema_decay: float = 0.999
 
   def init_state(self, rng, frozen=None):
     return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
@@ -89,7 +88,7 @@ class MultiTeacherObjective:
 
     (loss, x_hat), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     lr = state_lib.learning_rate(self.optim, state.step, self.num_steps)
-    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr,
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.optim.ema_decay, lr,
                                           self.optim.ema_warmup)
     metrics = {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr}
     for k, teacher_id in enumerate(self.teacher_ids):
@@ -106,7 +105,7 @@ def make_objective(exp, teacher_ids):
   return MultiTeacherObjective(
       exp.denoiser, exp.schedule, exp.optimizer(), c.optim, c.train.num_steps, exp.data_shape,
       tuple(teacher_ids), mt.loss_weighting, c.diffusion.min_snr_gamma,
-      mt.huber_delta if mt.loss == "huber" else None, c.optim.ema_decay)
+      mt.huber_delta if mt.loss == "huber" else None)
 
 
 def cache_dir(config, workdir: str) -> str:

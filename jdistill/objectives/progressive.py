@@ -75,10 +75,9 @@ class ProgressiveObjective:
   denoiser: Any
   schedule: Any
   optimizer: Any
-  optim: Any
+  optim: Any                      # config.optim (lr schedule, EMA decay and warmup)
   data_shape: tuple
   weighting: str = "snr_trunc"
-  ema_decay: float = 0.9995
   curriculum: Any = None          # None: i ~ U{0..N-1}; else an AdaptiveCurriculumScheduler
   features: Optional[FeatureDistillation] = None
   lora: Any = None                # a LoRA: only adapters train, over the frozen 'student_base'
@@ -146,7 +145,7 @@ class ProgressiveObjective:
     (loss, (x_hat, per_example, feature_loss)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     lr = state_lib.learning_rate(self.optim, state.step, stage["num_steps"])
-    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.ema_decay, lr,
+    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.optim.ema_decay, lr,
                                           self.optim.ema_warmup)
     metrics = {
         "distill_loss": jnp.mean(per_example),
@@ -330,7 +329,7 @@ def make_objective(exp):
     features = FeatureDistillation(tuple(c.features.layers), c.features.weight_start,
                                    c.features.weight_end, c.features.schedule)
   return ProgressiveObjective(exp.denoiser, exp.schedule, exp.optimizer(), c.optim, exp.data_shape,
-                              p.loss_weighting, c.optim.ema_decay,
+                              p.loss_weighting,
                               curriculum=curriculum_lib.make_scheduler(c), features=features,
                               lora=make_lora(c))
 

@@ -26,7 +26,7 @@ def objective_for(exp, num_steps):
       denoiser=exp.denoiser, schedule=exp.schedule, optimizer=exp.optimizer(), optim=c.optim,
       num_steps=num_steps,
       data_shape=exp.data_shape, weighting=c.diffusion.loss_weighting,
-      min_snr_gamma=c.diffusion.min_snr_gamma, ema_decay=c.optim.ema_decay,
+      min_snr_gamma=c.diffusion.min_snr_gamma,
       label_dropout=c.diffusion.label_dropout, curriculum=curriculum_lib.make_scheduler(c))
 
 
