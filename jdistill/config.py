@@ -164,7 +164,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
     config.dmd.critic_lr = 5e-4
     # regression to 16-step teacher ODE trajectories: a faster start, a steadier TDM chain
     config.dmd.update(regression_weight=0.25, regression_steps=16)
-    config.train.update(num_steps=5000, eval_every=1000)     # TDM: 1000 generator updates, ~20 min
+    config.train.update(num_steps=5000, eval_every=1000)     # TDM: 1000 generator updates, 16 min
     if tdm:   # TDM's normalised pseudo-Huber gradient is ~30x the regression's at weight 1: at 100
       # the regression along the teacher's trajectory leads and the DM term corrects (results.md)
       config.dmd.update(regression_weight=100.0, regression_pairs=8192)
