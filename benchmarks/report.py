@@ -110,8 +110,10 @@ def train_step_section(result):
   peers = settings.get("peers", [])
   dtype = settings.get("dtype", "f32")
   batches = sorted({r["batch"] for r in result["rows"]})
-  lines = [f"### {result['machine'].get('backend', '?').upper()}, {dtype}, batch "
-           + ", ".join(map(str, batches)) + f", {commit_note(result)}", "", machine_line(result),
+  sizes = sorted({r["size"] for r in result["rows"]}, key=lambda size: float(size.rstrip("M")))
+  lines = [f"### {result['machine'].get('backend', '?').upper()}, {dtype}, U-Net "
+           + ", ".join(sizes) + ", batch " + ", ".join(map(str, batches))
+           + f", {commit_note(result)}", "", machine_line(result),
            "", f"Matmul peak {fmt(settings.get('peak_flops', 0) / 1e9)} GFLOP/s"
            + (f" at the start, {fmt(settings['peak_flops_end'] / 1e9)} at the end"
               if settings.get("peak_flops_end") else "") + ".", ""]
