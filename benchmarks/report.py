@@ -110,7 +110,7 @@ def train_step_section(result):
   peers = settings.get("peers", [])
   dtype = settings.get("dtype", "f32")
   batches = sorted({r["batch"] for r in result["rows"]})
-  sizes = sorted({r["size"] for r in result["rows"]}, key=lambda size: float(size.rstrip("M")))
+  sizes = sorted({r["size"] for r in result["rows"]}, key=lambda size: SIZE_ORDER.get(size, 9))
   lines = [f"### {result['machine'].get('backend', '?').upper()}, {dtype}, U-Net "
            + ", ".join(sizes) + ", batch " + ", ".join(map(str, batches))
            + f", {commit_note(result)}", "", machine_line(result),
