@@ -235,7 +235,8 @@ torch's profiler), and fixed in the library:
    (TDM's default, and this benchmark) the step now calls the update directly. At DMD2's default
    5:1 the loop compiles two programs (critic-only; critic + generator) and picks one per step
    (`objective.phase_of`): digits DMD2 at batch 32 went from 1.71 to 8.84 train steps/s (5.2x).
-4. **GroupNorm** (after the tables above were measured): statistics from per-channel sums over
+4. **GroupNorm** (after the batch-64 grid and the 0.5M/5M batch-128/256 grid above were measured;
+   the 35M batch-128/256 grid was measured with it): statistics from per-channel sums over
    H x W, grouped and broadcast back by a (C, G) membership matmul (`models/unet.py::GroupNorm`,
    nn.GroupNorm's params and function). Progressive step at batch 64 and 32x32, the two versions
    alternating in one process: 0.5M 52.8 -> 56.0, 5M 17.7 -> 18.7 samples/s (+6%). The progressive
