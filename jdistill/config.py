@@ -166,7 +166,7 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
     if tdm:   # TDM's normalised pseudo-Huber gradient is ~30x the regression's at weight 1: at 100
       # the regression along the teacher's trajectory leads and the DM term corrects (results.md)
       config.dmd.regression_weight = 100.0
-      config.train.update(num_steps=5000, eval_every=1000)   # 1000 generator updates, 16 min
+      config.train.update(num_steps=5000, eval_every=1000)   # 1000 generator updates, 16-18 min
     else:     # 2:1: 1750 generator updates in the time of 1000 at 5:1 (1:1 oscillated); weight 1
       # narrowed the spread between seeds (results.md)
       config.dmd.update(critic_updates_per_generator=2, regression_weight=1.0)
