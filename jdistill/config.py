@@ -145,6 +145,8 @@ def distribution_matching_config(preset: str = "digits", variant: str = "dmd2"):
       regression_weight=0.0, regression_steps=32,     # DMD1 regression to the teacher's ODE from
       regression_pairs=1024,                           # fixed noise, computed before training
                                                        # (K > 1: every step onto its segment)
+      regression_source="pairs",   # 'pairs' (those fixed trajectories) or 'data': step k from data
+                                   # noised to t_k, the teacher's segment computed online
       gan_weight=0.0,                                  # GAN head on the critic's bottleneck
       huber_c=0.03,                                    # TDM pseudo-Huber constant
       remat=False,                                     # rematerialise the denoiser passes
@@ -257,7 +259,7 @@ def _validate_multi_teacher(config, check):
 
 def _validate_distribution_matching(d, check):
   from jdistill.models.unet import MAX_STEPS
-  from jdistill.objectives.distribution_matching import VARIANTS
+  from jdistill.objectives.distribution_matching import REGRESSION_SOURCES, VARIANTS
   check(d.variant in VARIANTS, "dmd.variant", f"unknown {d.variant!r}; choose one of {VARIANTS}")
   check(1 <= d.generator_steps <= MAX_STEPS, "dmd.generator_steps", f"must be in 1..{MAX_STEPS}")
   check(d.critic_updates_per_generator >= 1, "dmd.critic_updates_per_generator", "must be >= 1")
@@ -265,8 +267,11 @@ def _validate_distribution_matching(d, check):
   check(d.critic_lr > 0, "dmd.critic_lr", f"must be > 0, got {d.critic_lr}")
   check(d.critic_weighting in WEIGHTINGS, "dmd.critic_weighting",
         f"unknown {d.critic_weighting!r}; choose one of {WEIGHTINGS}")
-  check(d.regression_weight == 0 or d.regression_pairs >= 1, "dmd.regression_pairs",
-        "must be >= 1 when regression_weight > 0")
+  check(d.regression_source in REGRESSION_SOURCES, "dmd.regression_source",
+        f"unknown {d.regression_source!r}; choose one of {REGRESSION_SOURCES}")
+  check(d.regression_weight == 0 or d.regression_source != "pairs" or d.regression_pairs >= 1,
+        "dmd.regression_pairs", "must be >= 1 when regression_weight > 0")
+  check(d.regression_steps >= 1, "dmd.regression_steps", f"must be >= 1, got {d.regression_steps}")
   check(all(1 <= k <= MAX_STEPS for k in d.unify_steps), "dmd.unify_steps",
         f"step counts must be in 1..{MAX_STEPS}, got {tuple(d.unify_steps)}")
   counts = set(d.unify_steps or (d.generator_steps,))

@@ -257,7 +257,8 @@ def test_digits_preset_stage_budget():
 @pytest.mark.parametrize("field,value", [
     ("variant", "dmd3"), ("generator_steps", 0), ("generator_steps", 17),
     ("critic_updates_per_generator", 0), ("t_min", 0.99), ("critic_lr", 0.0),
-    ("unify_steps", (1, 2, 32)), ("critic_weighting", "l3"),
+    ("unify_steps", (1, 2, 32)), ("critic_weighting", "l3"), ("regression_source", "noise"),
+    ("regression_steps", 0),
 ])
 def test_invalid_distribution_matching_field_is_named(field, value):
   from jdistill.config import distribution_matching_config

@@ -1,5 +1,6 @@
 """DMD2 / TDM: critic learning, the zero-gradient fixed point, update ratio, checkpoint/resume,
 sharded == one device, TDM-unify step conditioning."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -229,6 +230,50 @@ def test_regression_pairs_are_the_teacher_ode_and_zero_loss_for_the_teacher(tmp_
                                jax.random.key(2))
   _, metrics = objective.generator_loss(teacher, {"score": teacher, "gan_head": {}}, teacher, z_k,
                                         t_k, None, counts, jax.random.key(4), pairs)
+  assert float(metrics["regression_loss"]) < 1e-9
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_data_regression_is_the_teachers_segment_from_noised_data(tmp_path, steps):
+  """regression_source='data': step k from data noised to t_k onto the teacher's DDIM segment
+  t_k -> s_k run online. Against a hand computation with two teacher substeps per step; with
+  one substep (regression_steps = K) the teacher itself has loss 0, a perturbed one does not."""
+  from jdistill.diffusion.sampling import ddim_step
+  from jdistill.diffusion.schedules import alpha_sigma
+  _, objective, teacher = _setup(tmp_path, "tdm", generator_steps=steps, regression_weight=1.0,
+                                 regression_steps=2 * steps, regression_source="data")
+  x = jax.random.normal(jax.random.key(7), (64, 2))
+  counts = objective.draw_step_counts(jax.random.key(0), 64)
+  perturbed = jax.tree.map(lambda p: p * 1.1, teacher)
+  rng = jax.random.key(4)
+
+  # by hand, from the same draws: k, eps -> z_t -> two teacher DDIM steps -> x_target
+  rng_k, rng_eps = jax.random.split(rng)
+  k = np.asarray(dm.draw_step_index(rng_k, counts))
+  t, s = (steps - k) / steps, (steps - k - 1) / steps
+  logsnr = lambda time: objective.schedule(jnp.asarray(time, jnp.float32))
+  alpha_t, sigma_t = (v[:, None] for v in alpha_sigma(logsnr(t)))
+  alpha_s, sigma_s = (v[:, None] for v in alpha_sigma(logsnr(s)))
+  z_t = alpha_t * x + sigma_t * jax.random.normal(rng_eps, x.shape)
+  predict = lambda z, time: objective.denoiser.predict(teacher, z, logsnr(time))
+  z_mid = ddim_step(predict(z_t, t), logsnr((t + s) / 2))
+  end = predict(z_mid, (t + s) / 2)
+  z_s = ddim_step(end, logsnr(s))
+  ratio = sigma_s / sigma_t
+  x_target = np.where(s[:, None] == 0, end.x0, (z_s - ratio * z_t) / (alpha_s - ratio * alpha_t))
+  x_student = objective.denoiser.predict(perturbed, z_t, logsnr(t)).x0
+  by_hand = np.mean(np.mean((np.asarray(x_student) - x_target) ** 2, axis=-1))
+  loss = objective.data_regression_loss(perturbed, teacher, x, None, counts, rng)
+  np.testing.assert_allclose(float(loss), by_hand, rtol=1e-4)
+
+  one_substep = dataclasses.replace(objective, regression_steps=steps)
+  assert float(one_substep.data_regression_loss(teacher, teacher, x, None, counts, rng)) < 1e-9
+  assert float(one_substep.data_regression_loss(perturbed, teacher, x, None, counts, rng)) > 1e-4
+  # in the generator loss, from the batch's data; no pairs are needed
+  z_k, t_k = objective.rollout(teacher, jax.random.normal(jax.random.key(1), (64, 2)), None,
+                               counts, jax.random.key(2))
+  _, metrics = one_substep.generator_loss(teacher, {"score": teacher, "gan_head": {}}, teacher, z_k,
+                                          t_k, None, counts, jax.random.key(4), None, x)
   assert float(metrics["regression_loss"]) < 1e-9
 
 

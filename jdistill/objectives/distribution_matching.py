@@ -19,7 +19,8 @@ DMD2 generator step, x = G(z_{t_k}):
   loss = 0.5 ||x - sg(x - grad)||^2   (its gradient w.r.t. x is `grad`)
   [+ regression to the teacher's ODE trajectory from stored noise (DMD1: G(noise) -> the
      teacher's sample; K > 1: step k from the teacher's z_{t_k} onto its z_{s_k}; a fixed set of
-     pairs computed once before training, `regression_pairs`)]
+     pairs computed once before training, `regression_pairs`; or `regression_source='data'`:
+     step k from data noised to t_k onto the teacher's segment run online, fresh every step)]
   [+ non-saturating GAN loss from a head on the critic's bottleneck features]
 TDM generator step, x_s = G(z_{t_k}):
   target = sg(x_s + (x_real - x_fake)),  loss = pseudo_huber(x_s - target) / sg(mean|x_s - x_real|).
@@ -49,6 +50,7 @@ from jdistill.train import state as state_lib
 from jdistill.train.state import TrainState
 
 VARIANTS = ("dmd2", "tdm")
+REGRESSION_SOURCES = ("pairs", "data")
 
 
 def draw_step_index(rng, steps):
@@ -82,6 +84,7 @@ class DistributionMatchingObjective:
   critic_weighting: str = "v_mse"
   regression_weight: float = 0.0   # DMD1 regression to the teacher's ODE (frozen['regression'])
   regression_steps: int = 32
+  regression_source: str = "pairs"  # 'pairs': fixed, frozen['regression']; 'data': online from data
   gan_weight: float = 0.0
   huber_c: float = 0.03
   remat: bool = False
@@ -144,18 +147,42 @@ class DistributionMatchingObjective:
 
   def regression_loss(self, params, pairs, steps, rng):
     """Step k of K from the teacher's ODE state at t_k = (K - k) / K must land on its state at
-    s_k = t_k - 1 / K: x_target = the x of the one DDIM step z_t -> z_s (the sample x at s = 0).
-    K = 1 is DMD1's regression G(noise) -> x; K > 1 regresses every step onto its segment."""
+    s_k = t_k - 1 / K (the sample x at s = 0). K = 1 is DMD1's regression G(noise) -> x; K > 1
+    regresses every step onto its segment."""
     rng_pick, rng_k = jax.random.split(rng)
     pick = jax.random.randint(rng_pick, steps.shape, 0, pairs["trajectory"].shape[0])
     k = draw_step_index(rng_k, steps)
     stride = self.regression_grid() // steps                    # grid points per generator step
     z_t, z_s = pairs["trajectory"][pick, k * stride], pairs["trajectory"][pick, (k + 1) * stride]
-    k_total = steps.astype(jnp.float32)
-    t, s = (k_total - k) / k_total, (k_total - k - 1) / k_total
-    x_target = ddim_x_target(z_t, z_s, z_s, self.schedule(t), self.schedule(s), s)
     label = pairs["label"][pick] if self.denoiser.num_classes else None
-    return jnp.mean(per_example_mse(self.generate(params, z_t, t, label, steps), x_target))
+    return self._regress_step(params, z_t, z_s, z_s, *self._segment(steps, k), label, steps)
+
+  def data_regression_loss(self, params, teacher_params, x_data, label, steps, rng):
+    """`regression_source='data'`, progressive-style: step k starts from data noised to t_k,
+    z_t = alpha_t x + sigma_t eps (the teacher ODE's marginal at t_k), and the teacher runs its
+    segment t_k -> s_k online in ceil(regression_steps / min K) DDIM substeps. Fresh states every
+    step: no fixed trajectories to memorise (the fixed pairs' error at low noise was 37% higher on
+    fresh trajectories than on the training ones, docs/results.md)."""
+    rng_k, rng_eps = jax.random.split(rng)
+    t, s = self._segment(steps, draw_step_index(rng_k, steps))
+    z_t, _ = forward_process(x_data, t, jax.random.normal(rng_eps, x_data.shape), self.schedule)
+    predict = lambda z, logsnr: self.denoiser.predict_guided(teacher_params, z, logsnr, label,
+                                                             self.guidance)
+    substeps = -(-self.regression_steps // min(self.step_counts()))
+    z_s, x_end = ddim_segment(predict, self.schedule, z_t, t, s, substeps)
+    return self._regress_step(params, z_t, z_s, x_end, t, s, label, steps)
+
+  @staticmethod
+  def _segment(steps, k):
+    """(t_k, s_k) = ((K - k) / K, (K - k - 1) / K): step k of a K-step generator."""
+    k_total = steps.astype(jnp.float32)
+    return (k_total - k) / k_total, (k_total - k - 1) / k_total
+
+  def _regress_step(self, params, z_t, z_s, x_at_end, t, s, label, steps):
+    """MSE of G(z_t) to x_target, the x of the one DDIM step z_t -> z_s (x_at_end at s = 0)."""
+    x_target = ddim_x_target(z_t, z_s, x_at_end, self.schedule(t), self.schedule(s), s)
+    return jnp.mean(per_example_mse(self.generate(params, z_t, t, label, steps),
+                                    jax.lax.stop_gradient(x_target)))
 
   def bottleneck_channels(self, params):
     z = jnp.zeros((1, *self.data_shape))
@@ -264,7 +291,7 @@ class DistributionMatchingObjective:
     return loss, metrics
 
   def generator_loss(self, params, critic_params, teacher_params, z_k, t_k, label, steps, rng,
-                     regression=None):
+                     regression=None, x_data=None):
     rng_noise, rng_gan, rng_pairs = jax.random.split(rng, 3)
     x = self.generate(params, z_k, t_k, label, steps)
     z_t, t, _ = self._noise(jax.lax.stop_gradient(x), rng_noise,
@@ -287,10 +314,14 @@ class DistributionMatchingObjective:
     metrics = {"generator_dm_loss": loss,
                "score_difference": jnp.mean(jnp.sqrt(per_example_mse(x_real, x_fake)))}
     if self.regression_weight > 0:      # the teacher's ODE: DMD1 (K = 1), each step (K > 1)
-      if regression is None:
+      if self.regression_source == "data":
+        regression_loss = self.data_regression_loss(params, teacher_params, x_data, label, steps,
+                                                    rng_pairs)
+      elif regression is None:
         raise ValueError("config.dmd.regression_weight > 0 needs frozen['regression'] = "
                          "objective.regression_pairs(teacher_params, n) (the driver computes it)")
-      regression_loss = self.regression_loss(params, regression, steps, rng_pairs)
+      else:
+        regression_loss = self.regression_loss(params, regression, steps, rng_pairs)
       loss = loss + self.regression_weight * regression_loss
       metrics["regression_loss"] = regression_loss
     if self.gan_weight > 0:
@@ -333,7 +364,7 @@ class DistributionMatchingObjective:
     def generator_update(_):
       (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
           state.generator.params, critic.params, teacher, z_k, t_k, label, steps, rng_gen,
-          frozen.get("regression"))
+          frozen.get("regression"), batch["x"])
       lr = state_lib.learning_rate(self.generator_optim, state.generator.step,
                                    self.num_steps // self.critic_updates_per_generator)
       generator = state_lib.apply_gradients(state.generator, grads, self.generator_optimizer,
@@ -376,6 +407,7 @@ def make_objective(exp, num_steps):
       critic_updates_per_generator=d.critic_updates_per_generator, t_min=d.t_min, t_max=d.t_max,
       guidance=c.diffusion.guidance, critic_weighting=d.critic_weighting,
       regression_weight=d.regression_weight, regression_steps=d.regression_steps,
+      regression_source=d.regression_source,
       gan_weight=d.gan_weight, huber_c=d.huber_c, remat=d.remat,
       unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals,
       step_aware_critic=d.step_aware_critic, clip_x=c.diffusion.clip_x)
@@ -393,7 +425,7 @@ def train(config, workdir: str):
   num_steps = config.train.num_steps
   objective = make_objective(exp, num_steps)
   frozen, frozen_shardings = {"teacher": teacher}, {"teacher": exp.param_shardings()}
-  if d.regression_weight > 0:
+  if d.regression_weight > 0 and d.regression_source == "pairs":
     start = time.time()
     frozen["regression"] = objective.regression_pairs(teacher, d.regression_pairs, config.seed + 101)
     frozen_shardings["regression"] = partitioning.replicated(exp.mesh)
