@@ -166,7 +166,6 @@ def estimate_seconds(grid, peers, peak, args, efficiency=0.5):
 
 
 def measure_row(kind, size, resolution, batch, peers, args, peak):
-  from benchmarks import peer_torch
   config = make_config(kind, size, resolution, batch, args.dtype)
   row = dict(key=f"{kind}/{size}/{resolution}x{resolution}/b{batch}/{args.dtype}", step=kind,
              size=size, resolution=resolution, batch=batch, dtype=args.dtype)
@@ -176,6 +175,7 @@ def measure_row(kind, size, resolution, batch, peers, args, peak):
   fns, first = {"jdistill": ours.step}, {"jdistill": common.time_once(ours.step, args.clock)}
   for peer in peers:
     try:
+      from benchmarks import peer_torch   # only with a peer: --peer=none runs without torch
       model = peer_torch.Peer(kind, config, resolution, batch, dtype=args.dtype,
                               compile=peer == "compile")
       first[peer] = common.time_once(model.step)         # torch.compile compiles here
