@@ -98,3 +98,18 @@ def test_final_tables_evaluate_on_final_num_samples(tiny_teacher_run, tmp_path):
   config.eval.final_num_samples = 0                     # 0: the training-time count
   assert len(setup.build(config, str(tmp_path), record_config=False).evaluator.evaluate(
       params, 2, final=True)[1]) == 32
+def test_end_of_run_speed_is_timed_on_the_evaluation_batches(tiny_teacher_run, tmp_path):
+  config, _, params = tiny_teacher_run
+  config = config.copy_and_resolve_references()
+  config.eval.update(num_samples=32, final_num_samples=96)       # batches of 32: three at the end
+  exp = setup.build(config, str(tmp_path), record_config=False)
+  samples, ms = exp.sampler.sample(params, 2, 96, seed=5, timed=True)
+  np.testing.assert_array_equal(samples, exp.sampler.sample(params, 2, 96, seed=5))
+  assert ms > 0
+  assert exp.sampler.sample(params, 2, 32, timed=True)[1] is None   # one batch: none after the first
+  assert "ms_per_sample" not in exp.evaluator.evaluate(params, 2)[0]   # during training: no speed
+  final = exp.evaluator.evaluate(params, 2, final=True)[0]
+  assert exp.evaluator.speed(final, params, 2) == final["ms_per_sample"] > 0
+  assert exp.evaluator.speed({"fd": final["fd"]}, params, 2) > 0       # else time_sampling's
+
+

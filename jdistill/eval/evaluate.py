@@ -32,20 +32,28 @@ class Sampler:
                            rng=None if mode == "ddim" else rng, mode=mode)
 
   def sample(self, params, num_steps: int, num_samples: int, seed: int = 0,
-             labels: Optional[np.ndarray] = None, mode: str = "ddim"):
+             labels: Optional[np.ndarray] = None, mode: str = "ddim", timed: bool = False):
     """`num_samples` samples in the data range, as numpy; noise and labels depend only on `seed`.
-    `mode`: 'ddim', 'ancestral' (DDPM) or 'renoise' (few-step generators)."""
+    `mode`: 'ddim', 'ancestral' (DDPM) or 'renoise' (few-step generators). `timed`: (samples,
+    ms per sample over the full batches after the first, which may compile; None without one)."""
     rng = jax.random.key(seed)
     noise = np.asarray(jax.random.normal(rng, (num_samples, *self.data_shape)))
     if labels is None and self.denoiser.num_classes:
       labels = np.random.RandomState(seed).randint(0, self.denoiser.num_classes, num_samples)
-    out = []
+    out, seconds, timed_count = [], 0.0, 0
     for start in range(0, num_samples, self.batch_size):
       chunk = slice(start, start + self.batch_size)
       label = None if labels is None else jnp.asarray(labels[chunk], jnp.int32)
-      out.append(self._sample_batch(params, jnp.asarray(noise[chunk]), label,
-                                    jnp.int32(num_steps), mode, jax.random.fold_in(rng, start)))
-    return np.concatenate([np.asarray(o) for o in out])
+      clock = time.perf_counter()
+      batch = self._sample_batch(params, jnp.asarray(noise[chunk]), label, jnp.int32(num_steps),
+                                 mode, jax.random.fold_in(rng, start))
+      if timed and jax.block_until_ready(batch).shape[0] == self.batch_size and start > 0:
+        seconds, timed_count = seconds + time.perf_counter() - clock, timed_count + self.batch_size
+      out.append(batch)
+    samples = np.concatenate([np.asarray(o) for o in out])
+    if not timed:
+      return samples
+    return samples, (1000.0 * seconds / timed_count if timed_count else None)
 
 
 def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2, mode="ddim"):
@@ -84,11 +92,20 @@ class FDEvaluator:
     return result
 
   def evaluate(self, params, num_steps: int, mode: str = "ddim", final: bool = False):
-    """({'fd': ..., ['swd': ...]}, samples) for `num_steps`-step sampling; `final`: with
-    `final_num_samples` (the end-of-run tables), else `num_samples` (evaluations during training)."""
+    """({'fd': ..., ['swd': ...], ['ms_per_sample': ...]}, samples) for `num_steps`-step sampling;
+    `final`: with `final_num_samples` (the end-of-run tables, which also get the sampling speed),
+    else `num_samples` (evaluations during training)."""
     count = self.final_num_samples if final else self.num_samples
-    samples = self.sampler.sample(params, num_steps, count, self.seed, mode=mode)
-    return self.fd_of(samples), samples
+    samples, ms = self.sampler.sample(params, num_steps, count, self.seed, mode=mode, timed=True)
+    result = self.fd_of(samples)
+    if final and ms is not None:       # the end-of-run tables' speed, from these very batches
+      result["ms_per_sample"] = ms
+    return result, samples
+
+  def speed(self, result, params, num_steps: int, mode: str = "ddim") -> float:
+    """ms per sample for an end-of-run table: timed within `result`'s evaluation when it had a
+    full batch after the first, else by `time_sampling`."""
+    return result.get("ms_per_sample") or time_sampling(self.sampler, params, num_steps, mode=mode)
 
 
 def image_grid(samples, columns: int = 10, max_images: int = 100):

@@ -414,7 +414,6 @@ def make_objective(exp, num_steps):
 
 
 def train(config, workdir: str):
-  from jdistill.eval.evaluate import time_sampling
   from jdistill.train import checkpoint as ckpt_lib
   from jdistill.train import loop, partitioning, setup
   from jdistill.train import teacher as teacher_lib
@@ -454,13 +453,14 @@ def train(config, workdir: str):
   best_manager.wait_until_finished()
   seconds = time.time() - start
   generator = objective.eval_params(state)
-  teacher_fd = exp.evaluator.evaluate(teacher, config.teacher.sampling_steps, final=True)[0]["fd"]
-  rows = [("teacher (DDIM)", config.teacher.sampling_steps, teacher_fd,
-           time_sampling(exp.sampler, teacher, config.teacher.sampling_steps))]
+  n_teacher = config.teacher.sampling_steps
+  result = exp.evaluator.evaluate(teacher, n_teacher, final=True)[0]
+  rows = [("teacher (DDIM)", n_teacher, result["fd"], exp.evaluator.speed(result, teacher, n_teacher))]
   for n in eval_steps:
-    fd = ((exp.evaluator.final_reuses_training_count and scalars.get(f"fd_{n}steps"))
-          or exp.evaluator.evaluate(generator, n, mode, final=True)[0]["fd"])
-    rows.append((f"{d.variant} generator", n, fd, time_sampling(exp.sampler, generator, n, mode=mode)))
+    reused = exp.evaluator.final_reuses_training_count and scalars.get(f"fd_{n}steps")
+    result = {"fd": reused} if reused else exp.evaluator.evaluate(generator, n, mode, final=True)[0]
+    rows.append((f"{d.variant} generator", n, result["fd"],
+                 exp.evaluator.speed(result, generator, n, mode)))
   lines = [f"# {d.variant.upper()}: {config.preset}", "",
            f"{num_steps} train steps ({num_steps // d.critic_updates_per_generator} generator "
            f"updates), wall time {seconds / 60:.1f} min (this invocation); FD on "

@@ -34,7 +34,7 @@ from flax import serialization
 from jdistill import curriculum as curriculum_lib
 from jdistill.data import pipeline
 from jdistill.diffusion import sampling
-from jdistill.eval.evaluate import image_grid, save_png, time_sampling
+from jdistill.eval.evaluate import image_grid, save_png
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.objectives.denoising import forward_process
 from jdistill.train import checkpoint as ckpt_lib
@@ -258,8 +258,9 @@ def train(config, workdir: str):
   validation_batch = pipeline.all_examples(exp.test_source, p.validation_examples)
   validation_loss = jax.jit(objective.validation_loss)
 
-  teacher_ms = time_sampling(exp.sampler, original_teacher, steps[0])
-  teacher_fd = exp.evaluator.evaluate(original_teacher, steps[0], final=True)[0]["fd"]
+  teacher_result = exp.evaluator.evaluate(original_teacher, steps[0], final=True)[0]
+  teacher_fd = teacher_result["fd"]
+  teacher_ms = exp.evaluator.speed(teacher_result, original_teacher, steps[0])
   logging.info("Original teacher: %d DDIM steps, FD %.4g, %.3f ms/sample", steps[0], teacher_fd, teacher_ms)
   rows = [dict(stage="teacher", steps=steps[0], student_fd=teacher_fd, ddim_fd=teacher_fd,
                ms_per_sample=teacher_ms, speedup=1.0)]
@@ -353,7 +354,7 @@ def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_m
   ddim_result, ddim_samples = exp.evaluator.evaluate(original_teacher, n_student, final=True)
   save_png(image_grid(student_samples), os.path.join(directory, "student_samples.png"))
   save_png(image_grid(ddim_samples), os.path.join(directory, "ddim_teacher_samples.png"))
-  ms = time_sampling(exp.sampler, student, n_student)
+  ms = exp.evaluator.speed(last_eval["result"], student, n_student)
   row = dict(stage=k, steps=n_student, student_fd=float(student_fd), ddim_fd=ddim_result["fd"],
              ms_per_sample=ms, speedup=teacher_ms / ms)
   exp.writer.write_scalars(k, {"summary/student_fd": row["student_fd"],
