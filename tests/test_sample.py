@@ -98,6 +98,8 @@ def test_final_tables_evaluate_on_final_num_samples(tiny_teacher_run, tmp_path):
   config.eval.final_num_samples = 0                     # 0: the training-time count
   assert len(setup.build(config, str(tmp_path), record_config=False).evaluator.evaluate(
       params, 2, final=True)[1]) == 32
+
+
 def test_end_of_run_speed_is_timed_on_the_evaluation_batches(tiny_teacher_run, tmp_path):
   config, _, params = tiny_teacher_run
   config = config.copy_and_resolve_references()
@@ -111,5 +113,3 @@ def test_end_of_run_speed_is_timed_on_the_evaluation_batches(tiny_teacher_run, t
   final = exp.evaluator.evaluate(params, 2, final=True)[0]
   assert exp.evaluator.speed(final, params, 2) == final["ms_per_sample"] > 0
   assert exp.evaluator.speed({"fd": final["fd"]}, params, 2) > 0       # else time_sampling's
-
-

@@ -47,8 +47,10 @@ class Sampler:
       clock = time.perf_counter()
       batch = self._sample_batch(params, jnp.asarray(noise[chunk]), label, jnp.int32(num_steps),
                                  mode, jax.random.fold_in(rng, start))
-      if timed and jax.block_until_ready(batch).shape[0] == self.batch_size and start > 0:
-        seconds, timed_count = seconds + time.perf_counter() - clock, timed_count + self.batch_size
+      if timed:
+        jax.block_until_ready(batch)
+        if start > 0 and batch.shape[0] == self.batch_size:
+          seconds, timed_count = seconds + time.perf_counter() - clock, timed_count + self.batch_size
       out.append(batch)
     samples = np.concatenate([np.asarray(o) for o in out])
     if not timed:
