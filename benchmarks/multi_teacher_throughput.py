@@ -36,8 +36,9 @@ def main(_):
   from jdistill.data import cache as cache_lib
   from jdistill.data import pipeline
   from jdistill.objectives import multi_teacher as mt_lib
-  from jdistill.objectives.denoising import forward_process
-  from jdistill.train import partitioning, setup
+  from jdistill.diffusion.parameterization import forward_process
+  from jdistill.train import setup
+  from jdistill import partitioning
   from jdistill.train import teacher as teacher_lib
 
   spec = importlib.util.spec_from_file_location("mt_config", FLAGS.config)

@@ -78,7 +78,8 @@ class Ours:
     from jdistill.diffusion.schedules import make_schedule
     from jdistill.models.denoiser import make_denoiser
     from jdistill.objectives import distribution_matching, progressive
-    from jdistill.train import loop, partitioning
+    from jdistill.train import loop
+    from jdistill import partitioning
     from jdistill.train import teacher as teacher_lib
 
     shape = (resolution, resolution, common.DATA_CHANNELS)

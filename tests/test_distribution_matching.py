@@ -17,7 +17,8 @@ from jdistill.config import distribution_matching_config
 from jdistill.data import pipeline
 from jdistill.objectives import distribution_matching as dm
 from jdistill.train import checkpoint as ckpt_lib
-from jdistill.train import loop, partitioning, setup
+from jdistill.train import loop, setup
+from jdistill import partitioning
 
 
 def _setup(tmp_path, variant="dmd2", **dmd):
@@ -119,7 +120,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from jdistill.config import distribution_matching_config
     from jdistill.data import pipeline
     from jdistill.objectives import distribution_matching as dm
-    from jdistill.train import loop, partitioning, setup
+    from jdistill.train import loop, setup
+    from jdistill import partitioning
     config = distribution_matching_config("digits", "dmd2")
     config.model.update(channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
     config.data.batch_size = 16

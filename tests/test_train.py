@@ -25,7 +25,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 8
     from jdistill.config import base_config
     from jdistill.data import pipeline
-    from jdistill.train import loop, partitioning, setup
+    from jdistill.train import loop, setup
+    from jdistill import partitioning
     from jdistill.train.teacher import objective_for
     config = base_config("digits")
     config.model.update(channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)

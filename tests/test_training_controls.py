@@ -71,7 +71,7 @@ def test_lora_student_trains_only_adapters_and_keeps_the_base_bit_identical(toy_
   frozen = {"teacher": teacher, "student_base": teacher}
   stage = {"student_steps": jnp.int32(2), "num_steps": jnp.int32(30), "teacher_substeps": jnp.int32(2)}
   from jdistill.data import pipeline
-  from jdistill.train import partitioning
+  from jdistill import partitioning
   iterator = pipeline.make_iterator(exp.train_data())
   for i in range(30):
     batch = pipeline.to_global(next(iterator), partitioning.batch_sharding(exp.mesh))

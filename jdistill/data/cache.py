@@ -32,11 +32,10 @@ from absl import logging
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from flax import serialization
 
+from jdistill import files, partitioning
 from jdistill.data import pipeline, sources
-from jdistill.objectives.denoising import forward_process
-from jdistill.train import checkpoint as ckpt_lib
-from jdistill.train import partitioning
-from jdistill.train.loop import hms
+from jdistill.diffusion.parameterization import forward_process
+from jdistill.files import hms
 
 LATENTS, TEACHERS, MANIFEST = "latents", "teachers", "manifest.json"
 VERSION = 1
@@ -148,7 +147,7 @@ class ShardReader:
 # ----------------------------------------------------------------------------- manifests, buckets
 
 def read_manifest(directory: str, what: str, hint: str = "") -> dict:
-  manifest = ckpt_lib.read_json(os.path.join(directory, MANIFEST))
+  manifest = files.read_json(os.path.join(directory, MANIFEST))
   if manifest is None:
     raise CacheError(f"no {what} in {directory} (no {MANIFEST}){': ' + hint if hint else ''}")
   return manifest
@@ -163,7 +162,7 @@ def fingerprint(directory: str) -> str:
 def _write_or_check_manifest(directory: str, manifest: dict, skip_existing: bool):
   """Writes the build's manifest first; resuming over one built with other settings is an error."""
   manifest = json.loads(json.dumps(manifest))
-  existing = ckpt_lib.read_json(os.path.join(directory, MANIFEST))
+  existing = files.read_json(os.path.join(directory, MANIFEST))
   if existing is not None and existing != manifest:
     changed = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
     if skip_existing:
@@ -171,7 +170,7 @@ def _write_or_check_manifest(directory: str, manifest: dict, skip_existing: bool
                        "it, or rebuild it with --config.cache.skip_existing=False")
     logging.warning("Rebuilding %s (changed: %s)", directory, ", ".join(changed))
   os.makedirs(directory, exist_ok=True)
-  ckpt_lib.write_json(os.path.join(directory, MANIFEST), manifest)
+  files.write_json(os.path.join(directory, MANIFEST), manifest)
   return manifest
 
 
@@ -246,12 +245,6 @@ def make_encoder(spec: str) -> Encoder:
 
 
 # ----------------------------------------------------------------------------- batched, sharded calls
-
-def local_mesh(fsdp: int = 1):
-  """This process's devices: a build is process-local (each process writes its own shards)."""
-  return partitioning.make_mesh(fsdp if jax.local_device_count() % fsdp == 0 else 1,
-                                jax.local_devices())
-
 
 def map_batches(fn, inputs: dict, batch_size: int, mesh, *args):
   """fn(*args, **batch) over `inputs` (numpy, leading axis = examples) in batches of a fixed size
@@ -350,7 +343,7 @@ def build_latents(source, cache_dir: str, *, encoder: Encoder, buckets, dtype: s
   stored with its conditioning (every field of the record but 'x'). Returns the manifest."""
   buckets = parse_buckets(buckets)
   directory = os.path.join(cache_dir, LATENTS)
-  mesh = mesh or local_mesh()
+  mesh = mesh or partitioning.local_mesh()
   shards = plan_latents(source, buckets, records_per_shard)
   first = {s["bucket"]: source.records[int(s["sample_ids"][0])] for s in reversed(shards)}
   latent_shapes = {
@@ -409,7 +402,7 @@ def build_teacher(cache_dir: str, teacher_id: str, *, denoiser, params, schedule
     raise CacheError(f"config.cache.dtype={dtype!r} but {latent_directory} holds {latents['dtype']}: "
                      "one cache, one dtype (rebuild the latents or set it back)")
   dtype = latents["dtype"]
-  mesh = mesh or local_mesh()
+  mesh = mesh or partitioning.local_mesh()
   manifest = _write_or_check_manifest(directory, dict(
       format="jdistill.teacher", version=VERSION, teacher=teacher_id, checkpoint=str(checkpoint),
       prediction="v", parameterization=denoiser.parameterization,
@@ -533,7 +526,7 @@ def _verify_teacher_shard(directory, manifest, latent_shard, shape, latent_rows,
     return problems
   ids = [sample_id(sid, d) for sid in latent_shard["sample_ids"] for d in range(draws)]
   seeds = np.array([derive_seed(i, manifest["base_seed"]) for i in ids], np.uint32)
-  t, eps = map_batches(_draw_fn(tuple(shape), dtype), {"seed": seeds}, 1024, local_mesh())
+  t, eps = map_batches(_draw_fn(tuple(shape), dtype), {"seed": seeds}, 1024, partitioning.local_mesh())
   for j, record in enumerate(records):
     if record is None:
       continue

@@ -30,6 +30,13 @@ def broadcast_to_data(scalar_per_example, like):
   return jnp.reshape(scalar_per_example, scalar_per_example.shape + (1,) * (like.ndim - 1))
 
 
+def forward_process(x, t, eps, schedule):
+  """z_t = alpha_t x + sigma_t eps; returns (z_t, logsnr_t)."""
+  logsnr = schedule(t)
+  alpha, sigma = alpha_sigma(broadcast_to_data(logsnr, x))
+  return alpha * x + sigma * eps, logsnr
+
+
 def from_x0(x0, z, logsnr):
   """Prediction from an x estimate: eps = (z - alpha x) / sigma."""
   alpha, sigma = alpha_sigma(broadcast_to_data(logsnr, z))

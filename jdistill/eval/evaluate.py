@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdistill import files
 from jdistill.data import pipeline
 from jdistill.diffusion import sampling
 from jdistill.eval import features as features_lib
@@ -139,11 +140,10 @@ def save_png(grid, path: str, scale: int = 4):
   if array.shape[-1] == 1:
     array = array[..., 0]
   import io
-  from jdistill.train.checkpoint import write_bytes
   image = Image.fromarray(array)
   buffer = io.BytesIO()
   image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(buffer, format="png")
-  write_bytes(path, buffer.getvalue())
+  files.write_bytes(path, buffer.getvalue())
 
 
 def to_uint8(samples):

@@ -14,16 +14,8 @@ import jax.numpy as jnp
 
 from jdistill import curriculum as curriculum_lib
 from jdistill.diffusion.losses import weighted_x_loss
-from jdistill.diffusion.parameterization import broadcast_to_data
-from jdistill.diffusion.schedules import alpha_sigma
+from jdistill.diffusion.parameterization import forward_process
 from jdistill.train import state as state_lib
-
-
-def forward_process(x, t, eps, schedule):
-  """z_t = alpha_t x + sigma_t eps; returns (z_t, logsnr_t)."""
-  logsnr = schedule(t)
-  alpha, sigma = alpha_sigma(broadcast_to_data(logsnr, x))
-  return alpha * x + sigma * eps, logsnr
 
 
 def drop_labels(label, rng, probability, null_class):

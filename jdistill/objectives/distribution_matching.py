@@ -40,12 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jdistill import files
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.diffusion.parameterization import broadcast_to_data, clip_x0
 from jdistill.diffusion.sampling import ddim_segment, ddim_step, ddim_x_target, renoise_step
 from jdistill.models.denoiser import with_step_embedding
 from jdistill.models.unet import MAX_STEPS
-from jdistill.objectives.denoising import forward_process
+from jdistill.diffusion.parameterization import forward_process
 from jdistill.train import state as state_lib
 from jdistill.train.state import TrainState
 
@@ -415,7 +416,8 @@ def make_objective(exp, num_steps):
 
 def train(config, workdir: str):
   from jdistill.train import checkpoint as ckpt_lib
-  from jdistill.train import loop, partitioning, setup
+  from jdistill.train import loop, setup
+  from jdistill import partitioning
   from jdistill.train import teacher as teacher_lib
   exp = setup.build(config, workdir)
   d = config.dmd
@@ -471,6 +473,6 @@ def train(config, workdir: str):
     lines += ["", f"Best evaluated {d.generator_steps}-step FD in this invocation: {best['fd']:.4g} "
               f"at step {best['step']} (kept in {workdir}/best)."]
   text = "\n".join(lines) + "\n"
-  ckpt_lib.write_text(f"{workdir}/summary.md", text)
+  files.write_text(f"{workdir}/summary.md", text)
   logging.info("\n%s", text)
   return generator

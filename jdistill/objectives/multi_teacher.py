@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jdistill import files
 from jdistill.config import ConfigError
 from jdistill.data import cache as cache_lib
 from jdistill.diffusion.losses import weighted_x_loss
 from jdistill.diffusion.parameterization import from_v
-from jdistill.objectives.denoising import forward_process
+from jdistill.diffusion.parameterization import forward_process
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup
 from jdistill.train import state as state_lib
@@ -121,13 +122,13 @@ def build_latents_cache(config, workdir: str):
       exp.train_source, cache_dir(config, workdir), encoder=cache_lib.make_encoder(c.encoder),
       buckets=c.buckets, dtype=c.dtype, records_per_shard=c.records_per_shard,
       batch_size=c.build_batch_size, skip_existing=c.skip_existing,
-      mesh=cache_lib.local_mesh(config.mesh.fsdp), data=config.data.to_dict())
+      mesh=partitioning.local_mesh(config.mesh.fsdp), data=config.data.to_dict())
 
 
 def build_teacher_cache(config, workdir: str, teacher_id: str):
   """`python -m jdistill.cache build-teacher --teacher=<id>`: one teacher's predictions."""
   exp = setup.build(config, workdir, evaluator=False, record_config=False)
-  exp = dataclasses.replace(exp, mesh=cache_lib.local_mesh(config.mesh.fsdp))   # process-local build
+  exp = dataclasses.replace(exp, mesh=partitioning.local_mesh(config.mesh.fsdp))   # process-local build
   checkpoint = config.multi_teacher.teachers[teacher_id].checkpoint
   c = config.cache
   return cache_lib.build_teacher(
@@ -214,7 +215,7 @@ def write_result(workdir, config, rows, teachers, train_seconds, caches, fd_samp
   if jax.process_index() != 0:
     return
   steps = config.teacher.sampling_steps
-  ckpt_lib.write_json(os.path.join(workdir, "result.json"), dict(
+  files.write_json(os.path.join(workdir, "result.json"), dict(
       student=rows, teachers=teachers, teacher_sampling_steps=steps,
       train_steps=config.train.num_steps, train_seconds=train_seconds,
       cached_examples=caches.latents["num_records"] * caches.noise_draws))
@@ -232,5 +233,5 @@ def write_result(workdir, config, rows, teachers, train_seconds, caches, fd_samp
         f"{np.mean([t['fd'][r['steps']] for t in evaluated.values()]):.4g}" for r in rows) + " |")
   lines.append("| **student** | | " + " | ".join(f"**{r['fd']:.4g}**" for r in rows) + " |")
   text = "\n".join(lines) + "\n"
-  ckpt_lib.write_text(os.path.join(workdir, "summary.md"), text)
+  files.write_text(os.path.join(workdir, "summary.md"), text)
   logging.info("\n%s", text)

@@ -32,11 +32,12 @@ from etils import epath
 from flax import serialization
 
 from jdistill import curriculum as curriculum_lib
+from jdistill import files
 from jdistill.data import pipeline
 from jdistill.diffusion import sampling
 from jdistill.eval.evaluate import image_grid, save_png
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
-from jdistill.objectives.denoising import forward_process
+from jdistill.diffusion.parameterization import forward_process
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup
 from jdistill.train import teacher as teacher_lib
@@ -313,7 +314,7 @@ def train(config, workdir: str):
     offset += train_steps[k]
     student = objective.eval_params(state, frozen)
     if objective.lora is not None:        # the checkpoint holds adapters: export merged weights
-      ckpt_lib.write_bytes(os.path.join(directory, "student.msgpack"),
+      files.write_bytes(os.path.join(directory, "student.msgpack"),
                            serialization.to_bytes(jax.device_get(student)))
     rows.append(stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms,
                           last_eval))
@@ -344,7 +345,7 @@ def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_m
   `last_eval` holds the loop's end-of-stage evaluation of `student` unless the stage was already
   trained before this invocation."""
   path = os.path.join(directory, "result.json")
-  cached = ckpt_lib.read_json(path)
+  cached = files.read_json(path)
   if cached is not None:
     return cached
   if not last_eval or not exp.evaluator.final_reuses_training_count:
@@ -363,7 +364,7 @@ def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_m
   logging.info("Stage %d done: %d steps, student FD %.4g, DDIM teacher FD %.4g, %.3f ms/sample "
                "(%.1fx faster than the teacher)", k, n_student, row["student_fd"], row["ddim_fd"], ms,
                row["speedup"])
-  ckpt_lib.write_json(path, row)
+  files.write_json(path, row)
   return row
 
 
@@ -379,7 +380,7 @@ def write_summary(workdir, rows, seconds, steps, exp):
     lines.append(f"| {r['stage']} | {r['steps']} | {r['student_fd']:.4g} | {r['ddim_fd']:.4g} | "
                  f"{r['ms_per_sample']:.3f} | {r['speedup']:.1f}x |")
   text = "\n".join(lines) + "\n"
-  ckpt_lib.write_text(os.path.join(workdir, "summary.md"), text)
+  files.write_text(os.path.join(workdir, "summary.md"), text)
   logging.info("\n%s", text)
   plot_fd_vs_steps(rows, os.path.join(workdir, "fd_vs_steps.png"))
 
@@ -402,4 +403,4 @@ def plot_fd_vs_steps(rows, path):
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
-  ckpt_lib.write_bytes(path, buffer.getvalue())
+  files.write_bytes(path, buffer.getvalue())

@@ -2,7 +2,6 @@
 state, config). Async and atomic; restored onto any mesh by passing target shardings."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
@@ -107,27 +106,3 @@ def place_like(params, abstract_params, what: str):
                             f"the configured model expects {b.shape}")
   return jax.tree.map(lambda a, b: jax.device_put(jax.numpy.asarray(a, b.dtype), b.sharding),
                       params, abstract_params)
-
-
-def write_json(path: str, payload: dict):
-  """Atomic JSON write (tmp + rename; local disk or gs://), process 0 only."""
-  write_text(path, json.dumps(payload, indent=2, sort_keys=True))
-
-
-def write_text(path: str, text: str):
-  write_bytes(path, text.encode())
-
-
-def write_bytes(path: str, data: bytes):
-  """Atomic write (tmp + rename) on local disk or gs://, process 0 only."""
-  if jax.process_index() != 0:
-    return
-  tmp = epath.Path(str(path) + ".tmp")
-  tmp.write_bytes(data)
-  tmp.replace(epath.Path(path))
-
-
-def read_json(path: str):
-  """The JSON at `path` (local or gs://), or None if there is none."""
-  path = epath.Path(path)
-  return json.loads(path.read_text()) if path.exists() else None

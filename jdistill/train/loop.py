@@ -27,7 +27,7 @@ from clu import periodic_actions
 
 from jdistill.data import pipeline
 from jdistill.train import checkpoint as ckpt_lib
-from jdistill.train import partitioning
+from jdistill import partitioning
 
 
 class NonFiniteLossError(RuntimeError):
@@ -191,7 +191,3 @@ def _summarise(metrics_list, step):
   keys = [k for k in stacked[0] if k != "nonfinite"]
   return {k: float(np.mean([m[k] for m in stacked])) for k in keys}
 
-
-def hms(seconds):
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

@@ -16,7 +16,8 @@ from jdistill.data import pipeline, sources
 from jdistill.diffusion.schedules import make_schedule
 from jdistill.eval.evaluate import FDEvaluator, Sampler
 from jdistill.models.denoiser import make_denoiser
-from jdistill.train import partitioning, state as state_lib
+from jdistill.train import state as state_lib
+from jdistill import partitioning
 
 
 @dataclasses.dataclass
@@ -60,7 +61,7 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
   config_lib.validate(config, jax.device_count())
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if record_config:
-    from jdistill.train.checkpoint import write_text
+    from jdistill.files import write_text
     write_text(f"{workdir}/config.json", config.to_json_best_effort(indent=2))
   mesh = partitioning.make_mesh(config.mesh.fsdp)
   train_source = sources.load_split(config.data, "train")

@@ -13,6 +13,7 @@ from etils import epath
 from flax import serialization
 
 from jdistill import curriculum as curriculum_lib
+from jdistill import files
 from jdistill.config import BUNDLED_DIGITS_TEACHER
 from jdistill.eval import evaluate as eval_lib
 from jdistill.objectives.denoising import DenoisingObjective
@@ -96,7 +97,7 @@ def write_summary(workdir, rows, train_seconds, exp):
     lines.append(f"| {r['steps']} | {r['fd']:.4g} | " + "".join(f"{r[k]:.4g} | " for k in extras)
                  + f"{r['seconds']:.1f} |")
   text = "\n".join(lines) + "\n"
-  ckpt_lib.write_text(os.path.join(workdir, "summary.md"), text)
+  files.write_text(os.path.join(workdir, "summary.md"), text)
   logging.info("\n%s", text)
 
 
@@ -167,8 +168,8 @@ def export(params, config, workdir):
   """Writes the EMA params (msgpack) and the model/diffusion config they need (JSON)."""
   if jax.process_index() != 0:
     return
-  ckpt_lib.write_bytes(os.path.join(workdir, "teacher.msgpack"),
+  files.write_bytes(os.path.join(workdir, "teacher.msgpack"),
                        serialization.to_bytes(jax.device_get(params)))
-  ckpt_lib.write_json(os.path.join(workdir, "teacher.json"),
+  files.write_json(os.path.join(workdir, "teacher.json"),
                       {"model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
                        "data": config.data.to_dict(), "train_steps": config.train.num_steps})

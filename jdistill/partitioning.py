@@ -62,3 +62,9 @@ def with_values(boxed_params, values):
   return jax.tree.map(lambda box, value: box.replace_boxed(value) if isinstance(box, nn.Partitioned)
                       else value, boxed_params, values,
                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def local_mesh(fsdp: int = 1) -> Mesh:
+  """This process's devices only (a cache build is process-local: each process writes its own
+  shards); `fsdp` falls back to 1 where it does not divide them."""
+  return make_mesh(fsdp if jax.local_device_count() % fsdp == 0 else 1, jax.local_devices())
