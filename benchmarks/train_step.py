@@ -64,7 +64,7 @@ class BenchExperiment:
   data_shape: tuple
 
   def optimizer(self, optim=None):
-    from jdistill.train import state as state_lib
+    from jdistill.objectives import state as state_lib
     return state_lib.make_optimizer(optim or self.config.optim)
 
 

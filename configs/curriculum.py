@@ -5,13 +5,13 @@ steps -> a 4-step student), and its ablation preset `:uniform` with the same bud
   python -m jdistill.main --config=configs/curriculum.py:uniform --workdir=runs/uniform
   python benchmarks/curriculum_ablation.py        # both, several seeds, curves + table
 """
-from jdistill.config import progressive_config
+from jdistill.methods import progressive
 
 
 def get_config(preset: str = "adaptive"):
   if preset not in ("adaptive", "uniform"):
     raise ValueError(f"config preset: use 'adaptive' or 'uniform', got {preset!r}")
-  config = progressive_config("digits")
+  config = progressive.get_config("digits")
   config.progressive.update(steps="8,4", steps_per_stage=400, stage_overrides="", eval_every=25,
                             best_metric="val_loss")
   config.curriculum.update(sampler=preset, num_regions=3, temperature=1.0, min_weight=0.1,

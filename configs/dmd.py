@@ -1,7 +1,7 @@
 """DMD2 (Yin et al. 2024): a 1-step generator distilled by distribution matching against the
 frozen teacher with a trained fake-score critic. `--config=configs/dmd.py[:preset]`."""
-from jdistill.config import distribution_matching_config
+from jdistill.methods import distribution_matching
 
 
 def get_config(preset: str = "digits"):
-  return distribution_matching_config(preset, "dmd2")
+  return distribution_matching.get_config(preset, "dmd2")

@@ -17,7 +17,9 @@ several teachers: `--config=configs/multi_teacher.py:finetune --workdir=runs/mt_
 soup (`multi_teacher.student_init='average'`). Other presets (cifar10, imagenet64, ...) need
 `config.multi_teacher.teachers` filled in.
 """
-from jdistill.config import BUNDLED_DIGITS_TEACHER, base_config, multi_teacher_config
+from jdistill.config import base_config
+from jdistill.methods import multi_teacher
+from jdistill.train.teachers import BUNDLED_DIGITS_TEACHER
 
 
 def get_config(preset: str = "digits"):
@@ -31,4 +33,4 @@ def get_config(preset: str = "digits"):
     config.train.update(num_steps=400, log_every=50, eval_every=0, save_every=200)
     config.eval.update(steps_during_training=(4,), final_steps=(64,))
     return config
-  return multi_teacher_config(preset)
+  return multi_teacher.get_config(preset)

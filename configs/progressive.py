@@ -4,8 +4,8 @@
 CPU. Presets `:cifar10` and `:imagenet64` are the paper's settings (GPU/TPU); give them a teacher
 with `--config.teacher.checkpoint=runs/teacher_cifar10`.
 """
-from jdistill.config import progressive_config
+from jdistill.methods import progressive
 
 
 def get_config(preset: str = "digits"):
-  return progressive_config(preset)
+  return progressive.get_config(preset)

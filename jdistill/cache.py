@@ -15,6 +15,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jdistill.data import cache as cache_lib
+from jdistill.methods import multi_teacher
 from jdistill.train import setup
 
 COMMANDS = ("build-latents", "build-teacher", "verify")
@@ -28,7 +30,6 @@ FLAGS = flags.FLAGS
 
 def verify(directory: str, teacher_ids=None) -> int:
   """Prints every problem; 0 if there is none, else 1."""
-  from jdistill.data import cache as cache_lib
   problems = cache_lib.verify(directory, teacher_ids)
   for line in problems:
     print(line)
@@ -48,17 +49,16 @@ def main(argv):
   if command == "verify":
     if not (FLAGS.cache_dir or FLAGS.workdir):
       raise app.UsageError("verify needs --workdir or --cache_dir")
-    from jdistill.objectives.multi_teacher import cache_dir
-    return verify(FLAGS.cache_dir or cache_dir(config, FLAGS.workdir),
+    return verify(FLAGS.cache_dir or multi_teacher.cache_dir(config, FLAGS.workdir),
                   [FLAGS.teacher] if FLAGS.teacher else None)
   if config is None or FLAGS.workdir is None:
     raise app.UsageError(f"{command} needs --config and --workdir")
   if "cache" not in config:
     raise app.UsageError("--config: not a multi-teacher config (no config.cache); "
                          "use configs/multi_teacher.py")
+  multi_teacher.validate(config)
   logging.info("jdistill.cache %s on %d %s device(s), %d process(es)", command, jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
-  from jdistill.objectives import multi_teacher
   if command == "build-latents":
     multi_teacher.build_latents_cache(config, FLAGS.workdir)
   else:

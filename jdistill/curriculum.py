@@ -21,6 +21,10 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from jdistill.errors import check_choice
+
+SAMPLERS = ("uniform", "adaptive")
+
 
 @flax.struct.dataclass
 class CurriculumState:
@@ -135,10 +139,9 @@ def metrics(state: CurriculumState):
 def make_scheduler(config):
   """None for `config.curriculum.sampler == 'uniform'`, else an AdaptiveCurriculumScheduler."""
   c = config.curriculum
+  check_choice("curriculum.sampler", c.sampler, SAMPLERS)
   if c.sampler == "uniform":
     return None
-  if c.sampler != "adaptive":
-    raise ValueError(f"config.curriculum.sampler: unknown {c.sampler!r}; use uniform or adaptive")
   return AdaptiveCurriculumScheduler(
       TimestepDivergenceTracker(c.num_regions, c.smoothing), c.temperature, c.min_weight,
       c.update_every, c.importance_weighting)

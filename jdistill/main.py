@@ -6,12 +6,11 @@ Every config field can be overridden: `--config.optim.lr=1e-4`. `--distributed` 
 """
 from __future__ import annotations
 
-import importlib
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jdistill import methods
 from jdistill.train import setup
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/<method>.py[:preset]).")
@@ -19,14 +18,6 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and su
 setup.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-
-METHODS = {
-    "teacher": "jdistill.train.teacher",
-    "progressive": "jdistill.objectives.progressive",
-    "dmd": "jdistill.objectives.distribution_matching",
-    "multi_teacher": "jdistill.objectives.multi_teacher",
-}
-
 
 class _QuietLibraries:
   """Keeps Orbax's per-save chatter out of the training log (warnings still show)."""
@@ -39,11 +30,12 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   setup.initialise_distributed_from_flags()
   config = FLAGS.config
-  if config.method not in METHODS:
-    raise app.UsageError(f"config.method: unknown method {config.method!r}; choose from {sorted(METHODS)}")
+  if config.method not in methods.METHODS:
+    raise app.UsageError(f"config.method: unknown method {config.method!r}; choose one of "
+                         f"{sorted(methods.METHODS)}")
   logging.info("jdistill %s on %d %s device(s), %d process(es)", config.method, jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
-  importlib.import_module(METHODS[config.method]).train(config, FLAGS.workdir)
+  methods.train(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

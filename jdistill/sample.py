@@ -1,13 +1,18 @@
-"""Draw samples from a trained run.
+"""Draw samples from a trained run or an exported model.
 
-  python -m jdistill.sample --workdir=DIR [--checkpoint=PATH] --num_steps=N --num_samples=M --out=FILE.npz
+  python -m jdistill.sample --checkpoint=MODEL.msgpack [--num_steps=N] --num_samples=M --out=FILE.npz
+  python -m jdistill.sample --workdir=DIR [--checkpoint=PATH] [--num_steps=N] ...
       [--mode=ddim|ancestral|renoise] [--fd [--fd_repeats=R]]
 
 Writes `samples` (images: uint8 NHWC in 0..255; 2-D data: float32 (M, 2)) and `labels` to FILE.npz,
 and a PNG grid next to it; with --fd, also prints their FD against the held-out split in the run's
-feature space (re-measure any checkpoint at a larger sample count). The model comes from
-DIR/config.json; the params from --checkpoint (an Orbax checkpoints dir, a run dir, or an exported
-.msgpack), by default the run's latest student (progressive: its last stage) or its teacher.
+feature space (re-measure any checkpoint at a larger sample count).
+
+An exported model (.msgpack plus the .json every method writes next to it) is enough on its own:
+the JSON holds the model, diffusion and data config and how the model samples (mode, steps). With
+--workdir the config is the run's config.json and the params default to the run's exported model
+(progressive: its last finished stage's student); --checkpoint may also name an Orbax checkpoints
+directory or a run directory.
 """
 from __future__ import annotations
 
@@ -19,22 +24,32 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from jdistill import methods
+from jdistill.config import base_config
+from jdistill.eval import evaluate as eval_lib
+from jdistill.train import checkpoint as ckpt_lib
+from jdistill.train import setup, teachers
+
 flags.DEFINE_string("workdir", None, "A run directory (holds config.json).")
-flags.DEFINE_string("checkpoint", None, "Checkpoints dir, run dir or .msgpack (default: the run's latest).")
-flags.DEFINE_integer("num_steps", None, "Sampling steps.")
+flags.DEFINE_string("checkpoint", None, "An exported .msgpack, a checkpoints dir or a run dir "
+                    "(default: the run's exported model).")
+flags.DEFINE_integer("num_steps", None, "Sampling steps (default: the exported model's).")
 flags.DEFINE_integer("num_samples", 100, "How many samples.")
 flags.DEFINE_string("out", "samples.npz", "Output .npz path (a PNG grid is written next to it).")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
 flags.DEFINE_enum("mode", None, ["ddim", "ancestral", "renoise"],
-                  "Sampler: DDIM, DDPM ancestral, or re-noising (DMD2 generators). Default: renoise "
-                  "for a DMD2 run, else DDIM.")
+                  "Sampler: DDIM, DDPM ancestral, or re-noising (DMD2 generators). Default: the "
+                  "exported model's, else the method's.")
 flags.DEFINE_bool("fd", False, "Also print the samples' FD against the held-out split (config.eval.features).")
 flags.DEFINE_integer("fd_repeats", 1, "With --fd: FD for this many noise seeds (--seed onwards), and their mean.")
-flags.mark_flags_as_required(["workdir", "num_steps"])
 FLAGS = flags.FLAGS
 
 
-def default_checkpoint(workdir: str) -> str:
+def default_checkpoint(workdir: str, config) -> str:
+  """The run's exported model; else its last finished progressive stage's; else its checkpoints."""
+  export = os.path.join(workdir, methods.get(config.method).EXPORT)
+  if epath.Path(export).exists():
+    return export
   stages = epath.Path(workdir) / "stages"
   if stages.is_dir():
     done = sorted((p for p in stages.iterdir() if (p / "checkpoints").is_dir()),
@@ -44,36 +59,57 @@ def default_checkpoint(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
+def config_of_export(exported: dict):
+  """A config that rebuilds an exported model: the shared defaults with its JSON's sections."""
+  config = base_config()
+  for section in ("model", "diffusion", "data"):
+    config[section].update(exported[section])
+  config.method = exported.get("method", "teacher")
+  return config
+
+
 def load_params(exp, checkpoint: str):
-  from jdistill.train import checkpoint as ckpt_lib
-  from jdistill.train.teacher import load_exported
   if checkpoint.endswith(".msgpack"):
-    return load_exported(checkpoint, exp.abstract_params())
+    return teachers.load_exported(checkpoint, exp.abstract_params())
   if (epath.Path(checkpoint) / "checkpoints").is_dir():
     checkpoint = os.path.join(checkpoint, "checkpoints")
-  key = "generator/ema_params" if exp.config.method == "dmd" else "ema_params"
-  return ckpt_lib.restore_params(checkpoint, exp.abstract_params(), key=key)
+  return ckpt_lib.restore_params(checkpoint, exp.abstract_params(),
+                                 key=methods.get(exp.config.method).PARAMS_KEY)
 
 
 def main(argv):
   del argv
-  from jdistill.eval import evaluate as eval_lib
-  from jdistill.train import setup
-  config_path = epath.Path(FLAGS.workdir) / "config.json"
-  if not config_path.exists():
-    raise app.UsageError(f"--workdir={FLAGS.workdir}: no config.json; is it a jdistill run directory?")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  exp = setup.build(config, FLAGS.workdir, evaluator=FLAGS.fd, record_config=False)
-  checkpoint = FLAGS.checkpoint or default_checkpoint(FLAGS.workdir)
-  logging.info("Sampling %d x %d steps from %s", FLAGS.num_samples, FLAGS.num_steps, checkpoint)
+  if not (FLAGS.workdir or FLAGS.checkpoint):
+    raise app.UsageError("give --checkpoint=MODEL.msgpack (an exported model) or --workdir=RUN")
+  exported = teachers.read_export(FLAGS.checkpoint) if (FLAGS.checkpoint or "").endswith(".msgpack") else None
+  if FLAGS.workdir:
+    config_path = epath.Path(FLAGS.workdir) / "config.json"
+    if not config_path.exists():
+      raise app.UsageError(f"--workdir={FLAGS.workdir}: no config.json; is it a jdistill run directory?")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    checkpoint = FLAGS.checkpoint or default_checkpoint(FLAGS.workdir, config)
+    if exported is None and checkpoint.endswith(".msgpack"):
+      exported = teachers.read_export(checkpoint)
+  elif exported is None:
+    raise app.UsageError(f"--checkpoint={FLAGS.checkpoint}: no {FLAGS.checkpoint[:-8]}.json next "
+                         "to it (an exported model); give --workdir of the run that made it")
+  else:
+    config, checkpoint = config_of_export(exported), FLAGS.checkpoint
+  sampling = (exported or {}).get("sampling", {})
+  num_steps = FLAGS.num_steps or sampling.get("steps")
+  if not num_steps:
+    raise app.UsageError("--num_steps is required (this checkpoint does not say how it samples)")
+  mode = FLAGS.mode or sampling.get("mode") or methods.get(config.method).sampling_mode(config)
+  workdir = FLAGS.workdir or os.path.dirname(os.path.abspath(checkpoint))
+  exp = setup.build(config, workdir, evaluator=FLAGS.fd, record_config=False)
+  logging.info("Sampling %d x %d steps (%s) from %s", FLAGS.num_samples, num_steps, mode, checkpoint)
   params = load_params(exp, checkpoint)
-  mode = FLAGS.mode or ("renoise" if config.get("dmd", {}).get("variant") == "dmd2" else "ddim")
 
   def draw(seed):
     labels = None
     if exp.denoiser.num_classes:
       labels = np.random.RandomState(seed).randint(0, exp.denoiser.num_classes, FLAGS.num_samples)
-    return exp.sampler.sample(params, FLAGS.num_steps, FLAGS.num_samples, seed, labels=labels,
+    return exp.sampler.sample(params, num_steps, FLAGS.num_samples, seed, labels=labels,
                               mode=mode), labels
 
   samples, labels = draw(FLAGS.seed)
@@ -87,7 +123,7 @@ def main(argv):
     for seed in range(FLAGS.seed, FLAGS.seed + FLAGS.fd_repeats):
       result = exp.evaluator.fd_of(samples if seed == FLAGS.seed else draw(seed)[0])
       fds.append(result["fd"])
-      print(f"{checkpoint}: {FLAGS.num_steps} steps ({mode}), {FLAGS.num_samples} samples, seed "
+      print(f"{checkpoint}: {num_steps} steps ({mode}), {FLAGS.num_samples} samples, seed "
             f"{seed}: " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()), flush=True)
     if len(fds) > 1:
       print(f"fd mean {np.mean(fds):.4g} std {np.std(fds):.2g} over seeds {FLAGS.seed}.."

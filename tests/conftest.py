@@ -38,8 +38,8 @@ def tiny_multi_teacher_config(directory):
   """configs/multi_teacher.py with the tiny U-Net and two tiny teachers 'a' (weight 3) and 'b'
   (weight 1) at `directory`/{a,b}.msgpack; caches of the 1297 train digits x 2 noise draws in
   shards of 256 digits; a short, quiet student run."""
-  from jdistill.config import multi_teacher_config
-  config = tiny_unet(multi_teacher_config("digits"))
+  from jdistill.methods import multi_teacher as mt_method
+  config = tiny_unet(mt_method.get_config("digits"))
   config.multi_teacher.teachers = {
       "a": dict(checkpoint=os.path.join(directory, "a.msgpack"), weight=3.0),
       "b": dict(checkpoint=os.path.join(directory, "b.msgpack"), weight=1.0)}
@@ -94,7 +94,7 @@ def export_tiny_teachers(config):
 def teacher_cache(tmp_path_factory):
   """(config, workdir): latents and both tiny teachers' caches built under <workdir>/cache. Tests
   that damage a cache copy the workdir first."""
-  from jdistill.objectives import multi_teacher
+  from jdistill.methods import multi_teacher
   workdir = str(tmp_path_factory.mktemp("multi_teacher"))
   config = tiny_multi_teacher_config(workdir)
   export_tiny_teachers(config)

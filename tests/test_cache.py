@@ -19,7 +19,7 @@ from jdistill.data import cache as cache_lib
 from jdistill.data import pipeline, sources
 from jdistill.models.denoiser import make_denoiser
 from jdistill.diffusion.schedules import make_schedule
-from jdistill.objectives import multi_teacher
+from jdistill.methods import multi_teacher
 
 from conftest import tiny_multi_teacher_config, tiny_teacher_params
 
@@ -95,7 +95,7 @@ class _Killed(Exception):
 def test_killed_build_resumes_to_the_same_bytes(teacher_cache, tmp_path, monkeypatch):
   config, workdir = copy_workdir(teacher_cache, tmp_path, teachers=())
   writes = {"n": 0}
-  real_writer = cache_lib.ArrayRecordWriter
+  real_writer = cache_lib.format.ArrayRecordWriter
 
   class DyingWriter(real_writer):
     def write(self, data):
@@ -104,14 +104,14 @@ def test_killed_build_resumes_to_the_same_bytes(teacher_cache, tmp_path, monkeyp
         raise _Killed()
       super().write(data)
 
-  monkeypatch.setattr(cache_lib, "ArrayRecordWriter", DyingWriter)
+  monkeypatch.setattr(cache_lib.format, "ArrayRecordWriter", DyingWriter)
   with pytest.raises(_Killed):
     multi_teacher.build_teacher_cache(config, workdir, "a")
   directory = cache_lib.teacher_dir(os.path.join(workdir, "cache"), "a")
   assert sorted(os.path.relpath(p, directory) for p in glob.glob(f"{directory}/8x8/*.array_record")) == [
       "8x8/00000-of-00006.array_record", SHARD]         # no half file under a final name
   assert os.path.exists(f"{directory}/8x8/00002-of-00006.array_record.tmp")
-  monkeypatch.setattr(cache_lib, "ArrayRecordWriter", real_writer)
+  monkeypatch.setattr(cache_lib.format, "ArrayRecordWriter", real_writer)
   multi_teacher.build_teacher_cache(config, workdir, "a")      # skip_existing: resumes
   unbroken = cache_lib.teacher_dir(os.path.join(teacher_cache[1], "cache"), "a")
   assert files(directory) == files(unbroken)          # the killed shard's tmp file is gone too
@@ -122,7 +122,7 @@ def test_resume_skips_complete_shards(teacher_cache, tmp_path, monkeypatch):
   os.remove(os.path.join(cache_lib.teacher_dir(os.path.join(workdir, "cache"), "a"), SHARD))
   written = []
   real = cache_lib.write_shard
-  monkeypatch.setattr(cache_lib, "write_shard", lambda path, recs: (written.append(path), real(path, recs)))
+  monkeypatch.setattr(cache_lib.build, "write_shard", lambda path, recs: (written.append(path), real(path, recs)))
   multi_teacher.build_teacher_cache(config, workdir, "a")
   assert [os.path.relpath(p, os.path.join(workdir, "cache", "teachers", "a")) for p in written] == [SHARD]
 
@@ -250,7 +250,7 @@ SHARDED_BUILD = textwrap.dedent("""
     sys.path.insert(0, "{tests}")
     assert jax.device_count() == 8
     from conftest import tiny_multi_teacher_config, tiny_teacher_params
-    from jdistill.objectives import multi_teacher
+    from jdistill.methods import multi_teacher
     config = tiny_multi_teacher_config("{teachers}")
     config.cache.build_batch_size = 100          # padded to 104 = 13 per device
     multi_teacher.build_teacher_cache(config, "{workdir}", "a")

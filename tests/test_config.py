@@ -9,8 +9,10 @@ import pytest
 
 from configs import progressive as progressive_config
 from configs import teacher as teacher_config
-from jdistill.config import ConfigError, base_config, validate
-from jdistill.objectives.progressive import ScheduleError, stage_train_steps, step_schedule
+from jdistill.config import base_config
+from jdistill.errors import ConfigError
+from jdistill.methods import validate
+from jdistill.methods.progressive import ScheduleError, stage_train_steps, step_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -261,8 +263,8 @@ def test_digits_preset_stage_budget():
     ("regression_steps", 0),
 ])
 def test_invalid_distribution_matching_field_is_named(field, value):
-  from jdistill.config import distribution_matching_config
-  config = distribution_matching_config("digits", "tdm")
+  from jdistill.methods import distribution_matching as dm_method
+  config = dm_method.get_config("digits", "tdm")
   validate(config, 1)
   config.dmd[field] = value
   with pytest.raises(ConfigError, match=f"config.dmd.{field}"):
@@ -270,8 +272,8 @@ def test_invalid_distribution_matching_field_is_named(field, value):
 
 
 def test_step_aware_critic_ids_must_fit_the_step_table():
-  from jdistill.config import distribution_matching_config
-  config = distribution_matching_config("digits", "tdm")
+  from jdistill.methods import distribution_matching as dm_method
+  config = dm_method.get_config("digits", "tdm")
   config.dmd.unify_steps = (4, 8, 16)          # 28 (K, k) ids > 16 table rows
   with pytest.raises(ConfigError, match=r"config.dmd.step_aware_critic: .*\[4, 8, 16\] sum to 28 > 16"):
     validate(config, 1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from clu import metric_writers
 
-from jdistill.config import distribution_matching_config
+from jdistill.methods import distribution_matching as dm_method
 from jdistill.data import pipeline
 from jdistill.objectives import distribution_matching as dm
 from jdistill.train import checkpoint as ckpt_lib
@@ -22,12 +22,12 @@ from jdistill import partitioning
 
 
 def _setup(tmp_path, variant="dmd2", **dmd):
-  config = distribution_matching_config("toy2d", variant)
+  config = dm_method.get_config("toy2d", variant)
   config.model.update(channels=32, num_res_blocks=1)
   config.data.batch_size = 64
   config.dmd.update(dmd)
   exp = setup.build(config, str(tmp_path), evaluator=False)
-  objective = dm.make_objective(exp, 100)
+  objective = dm_method.make_objective(exp, 100)
   teacher = jax.jit(lambda r: nn.unbox(exp.denoiser.init(r, jnp.zeros((1, 2)))["params"]))(jax.random.key(0))
   teacher = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), teacher)
   return exp, objective, teacher
@@ -47,7 +47,7 @@ def test_critic_loss_falls_on_a_fixed_generator(tmp_path, variant):
   losses = []
   batch = _batches(exp, 1)[0]
   for i in range(60):       # one fixed problem: same batch, noise and timesteps every step
-    state, metrics = compiled.fn(state, batch, jax.random.key(0), {"teacher": teacher}, {})
+    state, metrics = compiled.fn(state, batch, jax.random.key(0), dm.DistributionMatchingFrozen(teacher=teacher), None)
     losses.append(float(metrics["critic_loss"]))
   assert losses[-1] < 0.7 * losses[0], losses
   for a, b in zip(jax.tree.leaves(jax.device_get(state.generator.params)), jax.tree.leaves(generator_before)):
@@ -83,8 +83,8 @@ def test_update_ratio_is_respected(tmp_path):
   phased, by_cond = make_state(teacher), make_state(teacher)
   updated = []
   for i, batch in enumerate(_batches(exp, 12)):
-    phased, metrics = compiled(phased, batch, jax.random.key(i), {"teacher": teacher}, {}, i)
-    by_cond, cond_metrics = compiled.fn(by_cond, batch, jax.random.key(i), {"teacher": teacher}, {})
+    phased, metrics = compiled(phased, batch, jax.random.key(i), dm.DistributionMatchingFrozen(teacher=teacher), None, i)
+    by_cond, cond_metrics = compiled.fn(by_cond, batch, jax.random.key(i), dm.DistributionMatchingFrozen(teacher=teacher), None)
     updated.append(int(metrics["generator_updated"]))
     assert int(cond_metrics["generator_updated"]) == updated[-1]
   assert updated == [0, 0, 0, 0, 1] * 2 + [0, 0]
@@ -100,15 +100,17 @@ def test_checkpoint_resume_keeps_both_networks_and_optimizers(tmp_path):
   writer = metric_writers.create_default_writer(str(tmp_path), just_logging=True)
   compiled = loop.compile_step(objective, exp.mesh)
   make_state = jax.jit(objective.new_state)
-  common = dict(workdir=str(tmp_path / "run"), mesh=exp.mesh, writer=writer, frozen={"teacher": teacher},
-                compiled=compiled, log_every=3, save_every=3, initial_state=lambda: make_state(teacher))
-  unbroken, _ = loop.run(objective, train_data=exp.train_data(), num_steps=9,
+  common = dict(workdir=str(tmp_path / "run"), mesh=exp.mesh, writer=writer,
+                frozen=dm.DistributionMatchingFrozen(teacher=teacher), compiled=compiled,
+                initial_state=lambda: make_state(teacher))
+  settings = lambda n: loop.Settings(num_steps=n, log_every=3, save_every=3)
+  unbroken, _ = loop.run(objective, settings(9), train_data=exp.train_data(),
                          **dict(common, workdir=str(tmp_path / "unbroken")))
-  loop.run(objective, train_data=exp.train_data(), num_steps=6, **common)
+  loop.run(objective, settings(6), train_data=exp.train_data(), **common)
   manager = ckpt_lib.manager(str(tmp_path / "run" / "checkpoints"), asynchronous=False)
   restored, _ = ckpt_lib.restore(manager, compiled.abstract_state)
   assert set(restored.critic.params) == {"score", "gan_head"} and int(restored.generator.step) == 3
-  resumed, _ = loop.run(objective, train_data=exp.train_data(), num_steps=9, **common)
+  resumed, _ = loop.run(objective, settings(9), train_data=exp.train_data(), **common)
   for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(jax.device_get(unbroken))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
@@ -117,17 +119,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDED_SCRIPT = textwrap.dedent("""
     import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
     assert jax.device_count() == 8
-    from jdistill.config import distribution_matching_config
+    from jdistill.methods import distribution_matching as dm_method
     from jdistill.data import pipeline
     from jdistill.objectives import distribution_matching as dm
     from jdistill.train import loop, setup
     from jdistill import partitioning
-    config = distribution_matching_config("digits", "dmd2")
+    config = dm_method.get_config("digits", "dmd2")
     config.model.update(channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
     config.data.batch_size = 16
     config.dmd.update(critic_updates_per_generator=2, generator_steps=2, regression_steps=2)
     exp = setup.build(config, "{workdir}", evaluator=False)
-    objective = dm.make_objective(exp, 100)
+    objective = dm_method.make_objective(exp, 100)
     boxed = exp.denoiser.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
     teacher = jax.device_get(nn.unbox(boxed))
     iterator = pipeline.make_iterator(exp.train_data())
@@ -136,12 +138,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
     results = {{}}
     for name, mesh in [("one", partitioning.make_mesh(1, jax.devices()[:1])),
                        ("fsdp2x4", partitioning.make_mesh(4))]:
-      compiled = loop.compile_step(objective, mesh, frozen_shardings={{
-          "teacher": partitioning.shardings_for(boxed, mesh), "regression": partitioning.replicated(mesh)}})
+      compiled = loop.compile_step(objective, mesh, frozen_shardings=dm.DistributionMatchingFrozen(
+          teacher=partitioning.shardings_for(boxed, mesh), regression=partitioning.replicated(mesh)))
       state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)(teacher)
       for i, b in enumerate(batches):
         state, metrics = compiled.fn(state, pipeline.to_global(b, partitioning.batch_sharding(mesh)),
-                                     jax.random.key(i), {{"teacher": teacher, "regression": pairs}}, {{}})
+                                     jax.random.key(i), dm.DistributionMatchingFrozen(teacher, pairs), None)
       specs = [str(x.sharding.spec) for x in jax.tree.leaves(state)]
       results[name] = (jax.device_get(state), float(metrics["critic_loss"]), sum("fsdp" in s for s in specs))
     one = results["one"]
@@ -193,7 +195,7 @@ def test_unify_generator_starts_as_the_teacher_and_learns_per_step_count(tmp_pat
 
   compiled = loop.compile_step(objective, exp.mesh)
   for i, batch in enumerate(_batches(exp, 3)):
-    state, _ = compiled.fn(state, batch, jax.random.key(i), {"teacher": teacher}, {})
+    state, _ = compiled.fn(state, batch, jax.random.key(i), dm.DistributionMatchingFrozen(teacher=teacher), None)
   table = np.asarray(state.generator.params["step_embedding"]["embedding"])
   assert np.abs(table[[1, 2, 4]]).max() > 0 and np.abs(table[[0, 3, 5]]).max() == 0
   # the sampler tells the generator its step count: 1-step samples differ from K-blind ones
@@ -300,11 +302,11 @@ def test_tdm_step_intervals_diffuse_each_step_within_its_own_noise_levels(tmp_pa
 def test_driver_writes_summary_and_keeps_the_best_generator(tmp_path):
   """configs/dmd.py:toy2d end to end on the bundled checkerboard teacher (few steps)."""
   import json
-  config = distribution_matching_config("toy2d", "dmd2")
+  config = dm_method.get_config("toy2d", "dmd2")
   config.train.update(num_steps=20, eval_every=10, save_every=10, log_every=10)
   config.eval.update(num_samples=500, final_num_samples=600)
   config.dmd.update(critic_updates_per_generator=2, eval_steps=(1,))
-  generator = dm.train(config, str(tmp_path))
+  generator = methods.train(config, str(tmp_path))
   summary = open(tmp_path / "summary.md").read()
   assert "| teacher (DDIM) | 64 |" in summary and "| dmd2 generator | 1 |" in summary
   assert "FD on 600 samples" in summary

@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from jdistill.config import ConfigError, multi_teacher_config, validate
+from jdistill.errors import ConfigError
+from jdistill.methods import multi_teacher as mt_method, validate
 from jdistill.data import cache as cache_lib
 from jdistill.data import pipeline
 from jdistill.diffusion.losses import weighted_x_loss
 from jdistill.diffusion.schedules import make_schedule
-from jdistill.objectives import multi_teacher
+from jdistill.methods import multi_teacher
+from jdistill.objectives import multi_teacher as mt_objective
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import setup
-from jdistill.train import teacher as teacher_lib
+from jdistill.train import teachers as teacher_lib
+from jdistill import methods
 
 from conftest import tiny_teacher_params
 from test_cache import SHARD, copy_workdir, records
@@ -26,20 +29,20 @@ from test_progressive import _scalars
 
 
 def test_weights_are_validated_and_normalised():
-  config = multi_teacher_config("digits")
+  config = mt_method.get_config("digits")
   validate(config, 1)
   config.multi_teacher.teachers.s1.weight = -1.0
   with pytest.raises(ConfigError, match=r"config\.multi_teacher\.teachers\.s1\.weight: must be a number >= 0"):
     validate(config, 1)
   with pytest.raises(ConfigError, match=r"config\.multi_teacher\.teachers\.s1\.weight"):
-    multi_teacher.teacher_weights(config.multi_teacher.teachers)
+    mt_objective.teacher_weights(config.multi_teacher.teachers)
   for teacher_id in config.multi_teacher.teachers:
     config.multi_teacher.teachers[teacher_id].weight = 0.0
   with pytest.raises(ConfigError, match=r"config\.multi_teacher\.teachers: all weights are 0"):
     validate(config, 1)
   with pytest.raises(ConfigError, match=r"config\.multi_teacher\.teachers: all weights are 0"):
-    multi_teacher.teacher_weights(config.multi_teacher.teachers)
-  ids, weights = multi_teacher.teacher_weights({"b": {"weight": 1}, "a": {"weight": 3}, "c": {"weight": 0}})
+    mt_objective.teacher_weights(config.multi_teacher.teachers)
+  ids, weights = mt_objective.teacher_weights({"b": {"weight": 1}, "a": {"weight": 3}, "c": {"weight": 0}})
   assert ids == ("a", "b", "c")
   np.testing.assert_allclose(weights, [0.75, 0.25, 0.0])
 
@@ -66,7 +69,7 @@ def test_student_init_heaviest_teacher_average_or_random(teacher_cache):
   config, workdir = teacher_cache
   config = config.copy_and_resolve_references()
   exp = setup.build(config, workdir, evaluator=False, record_config=False)
-  ids, weights = multi_teacher.teacher_weights(config.multi_teacher.teachers)   # a: 0.75, b: 0.25
+  ids, weights = mt_objective.teacher_weights(config.multi_teacher.teachers)   # a: 0.75, b: 0.25
   load = lambda i: teacher_lib.load_checkpoint(config.multi_teacher.teachers[i].checkpoint,
                                                exp.abstract_params())
   a, b = load("a"), load("b")
@@ -83,11 +86,11 @@ def test_student_init_heaviest_teacher_average_or_random(teacher_cache):
 
 def test_target_is_the_hand_computed_weighted_average(teacher_cache):
   config, workdir = teacher_cache
-  ids, weights = multi_teacher.teacher_weights(config.multi_teacher.teachers)
+  ids, weights = mt_objective.teacher_weights(config.multi_teacher.teachers)
   np.testing.assert_allclose(weights, [0.75, 0.25])
   caches = multi_teacher.open_caches(config, workdir, ids)
   batch = next(pipeline.make_iterator(cache_lib.training_dataset(caches, 8, seed=0)))
-  objective = multi_teacher.MultiTeacherObjective(
+  objective = mt_objective.MultiTeacherObjective(
       None, make_schedule(config.diffusion.schedule), None, None, 1, (8, 8, 1), ids)
   _, _, _, x_target = objective.targets(jax.tree.map(jnp.asarray, batch), jnp.asarray(weights))
 
@@ -121,7 +124,7 @@ def test_training_on_the_caches_lowers_every_per_teacher_loss(teacher_cache, tmp
   config.multi_teacher.update(student_init=student, evaluate_teachers=True)
   config.optim.update(lr=2e-3, warmup_steps=5)
   workdir = str(tmp_path / "student")
-  multi_teacher.train(config, workdir)
+  methods.train(config, workdir)
   for tag in ("loss", "loss_a", "loss_b"):     # means over steps 1-20, 21-40, 41-60
     losses = _scalars(workdir, tag)
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2] and losses[2] < 0.8 * losses[0], (
@@ -149,10 +152,10 @@ def test_a_corrupt_record_stops_training_naming_the_file(teacher_cache, tmp_path
   config = _student_config(teacher_cache, cache, num_steps=8, save_every=4)
   workdir = str(tmp_path / "student")
   with pytest.raises(cache_lib.CacheError, match=f"{corrupt}: record [0-9]+ .*NaN"):
-    multi_teacher.train(config, workdir)
+    methods.train(config, workdir)
   assert ckpt_lib.manager(os.path.join(workdir, "checkpoints"), asynchronous=False).latest_step() is None
 
   missing = os.path.join(cache_lib.teacher_dir(cache, "a"), SHARD)      # caught before training
   os.remove(missing)
   with pytest.raises(cache_lib.CacheError, match=f"{missing}: missing shard"):
-    multi_teacher.train(config, str(tmp_path / "student2"))
+    methods.train(config, str(tmp_path / "student2"))

@@ -14,9 +14,11 @@ from jdistill.config import base_config
 from jdistill.data import pipeline
 from jdistill.diffusion import parameterization as P
 from jdistill.diffusion import sampling, schedules
-from jdistill.objectives import progressive
+from jdistill.methods import progressive
+from jdistill.objectives import progressive as progressive_math
 from jdistill.train import checkpoint as ckpt_lib
-from jdistill.train import loop, teacher as teacher_lib
+from jdistill.train import loop, teachers as teacher_lib
+from jdistill import methods
 
 from test_diffusion import exact_gaussian_denoiser, schedule
 
@@ -72,7 +74,7 @@ def toy_teacher(tmp_path_factory):
   config = _toy_config()
   config.method = "teacher"
   config.train.update(num_steps=300, log_every=100, save_every=300, eval_every=0)
-  teacher_lib.train(config, workdir)
+  methods.train(config, workdir)
   return workdir
 
 
@@ -111,7 +113,7 @@ def _run(config, workdir, monkeypatch=None, crash_after_batches=None):
   with pytest.MonkeyPatch.context() as mp:
     for obj, name, value in patches:
       mp.setattr(obj, name, value)
-    params = progressive.train(config, workdir)
+    params = methods.train(config, workdir)
   return params, built
 
 

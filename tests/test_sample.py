@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jdistill.train import checkpoint as ckpt_lib
-from jdistill.train import setup, teacher as teacher_lib
+from jdistill.train import setup, teachers as teacher_lib
+from jdistill import methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
@@ -22,7 +23,7 @@ def tiny_teacher_run(tmp_path_factory):
   config.train.update(num_steps=6, log_every=3, save_every=3, eval_every=0)
   config.eval.update(num_samples=32, final_steps=(1,), batch_size=32)
   workdir = str(tmp_path_factory.mktemp("teacher"))
-  params = teacher_lib.train(config, workdir)
+  params = methods.train(config, workdir)
   return config, workdir, params
 
 

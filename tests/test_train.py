@@ -15,7 +15,7 @@ from flax import serialization
 from jdistill.data import sources
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup
-from jdistill.train.teacher import objective_for
+from jdistill.methods.teacher import make_objective as objective_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
@@ -27,7 +27,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from jdistill.data import pipeline
     from jdistill.train import loop, setup
     from jdistill import partitioning
-    from jdistill.train.teacher import objective_for
+    from jdistill.methods.teacher import make_objective as objective_for
     config = base_config("digits")
     config.model.update(channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
     config.data.batch_size = 32
@@ -42,7 +42,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
       state = loop.init_state(objective, compiled, jax.random.key(0))
       for i, b in enumerate(batches):
         state, metrics = compiled.fn(state, pipeline.to_global(b, partitioning.batch_sharding(mesh)),
-                                     jax.random.key(i), {{}}, {{}})
+                                     jax.random.key(i), None, None)
       specs = [str(x.sharding.spec) for x in jax.tree.leaves(state.params)]
       results[name] = (jax.device_get(state.params), float(metrics["loss"]),
                        sum("fsdp" in s for s in specs), len(state.params["Conv_0"]["kernel"].sharding.device_set))
@@ -115,13 +115,14 @@ def test_nan_loss_stops_and_never_reaches_a_checkpoint(tmp_path, digits_config):
   exp = setup.build(digits_config, str(tmp_path), evaluator=False)
   objective = objective_for(exp, 100)
   writer = metric_writers.create_default_writer(str(tmp_path), just_logging=True)
-  common = dict(workdir=str(tmp_path), mesh=exp.mesh, writer=writer, log_every=4, save_every=4)
+  common = dict(workdir=str(tmp_path), mesh=exp.mesh, writer=writer)
+  settings = lambda n: loop.Settings(num_steps=n, log_every=4, save_every=4)
   compiled = loop.compile_step(objective, exp.mesh)
-  state, _ = loop.run(objective, train_data=exp.train_data(), num_steps=8, compiled=compiled, **common)
+  state, _ = loop.run(objective, settings(8), train_data=exp.train_data(), compiled=compiled, **common)
   good = jax.device_get(state.params)
   exp.train_source = _nan_source(exp.train_source)
   with pytest.raises(loop.NonFiniteLossError, match="NaN/Inf in 4 of the last 4 steps"):
-    loop.run(objective, train_data=exp.train_data(), num_steps=16, compiled=compiled, **common)
+    loop.run(objective, settings(16), train_data=exp.train_data(), compiled=compiled, **common)
   manager = ckpt_lib.manager(str(tmp_path / "checkpoints"), asynchronous=False)
   assert manager.latest_step() == 8          # nothing saved after the NaN
   restored, meta = ckpt_lib.restore(manager, compiled.abstract_state)
@@ -137,7 +138,7 @@ def test_nonfinite_update_is_skipped_inside_the_step(digits_config, tmp_path):
   state = loop.init_state(objective, compiled, jax.random.key(0))
   before = jax.device_get(state.params)
   batch = {"x": np.full((16, 8, 8, 1), np.nan, np.float32), "label": np.zeros(16, np.int32)}
-  state, metrics = compiled.fn(state, batch, jax.random.key(1), {}, {})
+  state, metrics = compiled.fn(state, batch, jax.random.key(1), None, None)
   assert int(metrics["nonfinite"]) == 1
   assert int(state.step) == 1
   for x, y in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
@@ -150,8 +151,8 @@ def test_missing_and_mismatched_checkpoints_say_which_and_why(tmp_path, digits_c
     ckpt_lib.restore_params(str(tmp_path / "nowhere"), exp.abstract_params())
   objective = objective_for(exp, 100)
   writer = metric_writers.create_default_writer(str(tmp_path), just_logging=True)
-  loop.run(objective, workdir=str(tmp_path / "a"), mesh=exp.mesh, train_data=exp.train_data(),
-           num_steps=4, writer=writer, log_every=4, save_every=4)
+  loop.run(objective, loop.Settings(num_steps=4, log_every=4, save_every=4),
+           workdir=str(tmp_path / "a"), mesh=exp.mesh, train_data=exp.train_data(), writer=writer)
   digits_config.model.channels = 16
   other = setup.build(digits_config, str(tmp_path / "b"), evaluator=False)
   with pytest.raises(ckpt_lib.CheckpointError, match="has shape .* the configured model expects"):

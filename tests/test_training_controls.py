@@ -12,11 +12,14 @@ import pytest
 from clu import metric_writers
 
 from jdistill.models.lora import LoRA
-from jdistill.objectives import progressive
+from jdistill.methods import progressive
+from jdistill.objectives import progressive as progressive_math
 from jdistill.train import checkpoint as ckpt_lib
-from jdistill.train import loop, setup, state as state_lib
-from jdistill.train import teacher as teacher_lib
-from jdistill.train.teacher import objective_for
+from jdistill.objectives import state as state_lib
+from jdistill.train import loop, setup
+from jdistill.train import teachers as teacher_lib
+from jdistill import methods
+from jdistill.methods.teacher import make_objective as objective_for
 
 from test_progressive import _progressive_config, _run, toy_teacher  # noqa: F401 - fixture
 
@@ -68,8 +71,8 @@ def test_lora_student_trains_only_adapters_and_keeps_the_base_bit_identical(toy_
   compiled = loop.compile_step(objective, exp.mesh)
   state = jax.jit(objective.new_state)(teacher)
   assert set(state.params) == {"Dense_1/kernel", "Dense_2/kernel"}   # the optimizer sees only adapters
-  frozen = {"teacher": teacher, "student_base": teacher}
-  stage = {"student_steps": jnp.int32(2), "num_steps": jnp.int32(30), "teacher_substeps": jnp.int32(2)}
+  frozen = progressive_math.ProgressiveFrozen(teacher=teacher, student_base=teacher)
+  stage = progressive_math.ProgressiveStage(jnp.int32(2), jnp.int32(30), jnp.int32(2))
   from jdistill.data import pipeline
   from jdistill import partitioning
   iterator = pipeline.make_iterator(exp.train_data())
@@ -137,10 +140,11 @@ def test_early_stopping_keeps_best_and_resume_does_not_train_on(tmp_path, digits
   writer = metric_writers.create_default_writer(str(tmp_path), just_logging=True)
   fds = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9])
   best_steps = []
-  common = dict(workdir=str(tmp_path), mesh=exp.mesh, train_data=exp.train_data(), num_steps=40,
-                writer=writer, log_every=2, save_every=0, eval_every=2, best_metric="fd",
-                early_stopping_patience=2)
-  loop.run(objective, evaluate=lambda params, step: ({"fd": next(fds)}, {}),
+  settings = loop.Settings(num_steps=40, log_every=2, save_every=0, eval_every=2,
+                           early_stopping_patience=2)
+  common = dict(workdir=str(tmp_path), mesh=exp.mesh, train_data=exp.train_data(), writer=writer,
+                best_metric="fd")
+  loop.run(objective, settings, evaluate=lambda params, step: ({"fd": next(fds)}, {}),
            on_best=lambda state, scalars, step: best_steps.append(step), **common)
   assert best_steps == [2, 4]                 # improved at evals 1 and 2, then 2 evals without
   manager = ckpt_lib.manager(str(tmp_path / "checkpoints"), asynchronous=False)
@@ -148,13 +152,14 @@ def test_early_stopping_keeps_best_and_resume_does_not_train_on(tmp_path, digits
   _, meta = ckpt_lib.restore(manager, loop.compile_step(objective, exp.mesh).abstract_state)
   assert meta["stopped_early"] and meta["best"] == 4.0
   calls = []
-  loop.run(objective, evaluate=lambda params, step: calls.append(step) or ({"fd": 0.0}, {}), **common)
+  loop.run(objective, settings, evaluate=lambda params, step: calls.append(step) or ({"fd": 0.0}, {}),
+           **common)
   assert calls == [] and manager.latest_step() == 8        # a stopped run stays stopped
 
 
 def test_feature_weight_schedules_against_hand_values():
-  linear = progressive.FeatureDistillation(weight_start=1.0, weight_end=0.2, schedule="linear")
-  cosine = progressive.FeatureDistillation(weight_start=1.0, weight_end=0.2, schedule="cosine")
+  linear = progressive_math.FeatureDistillation(weight_start=1.0, weight_end=0.2, schedule="linear")
+  cosine = progressive_math.FeatureDistillation(weight_start=1.0, weight_end=0.2, schedule="cosine")
   np.testing.assert_allclose([float(linear.weight(s, 100)) for s in (0, 50, 100)], [1.0, 0.6, 0.2], rtol=1e-6)
   np.testing.assert_allclose([float(cosine.weight(s, 100)) for s in (0, 50, 100)], [1.0, 0.6, 0.2],
                              rtol=1e-6)
@@ -173,11 +178,12 @@ def test_feature_distillation_trains_on_unet_activations(tmp_path):
   teacher = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), teacher)
   student = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape), teacher)
   state = jax.jit(objective.new_state)(student)
-  stage = {"student_steps": jnp.int32(2), "num_steps": jnp.int32(10), "teacher_substeps": jnp.int32(2)}
+  stage = progressive_math.ProgressiveStage(jnp.int32(2), jnp.int32(10), jnp.int32(2))
   batch = {"x": np.asarray(exp.train_source.records.x[:16]), "label": np.zeros(16, np.int32)}
   losses = []
   for i in range(10):
-    state, metrics = compiled.fn(state, batch, jax.random.key(0), {"teacher": teacher}, stage)
+    state, metrics = compiled.fn(state, batch, jax.random.key(0),
+                                 progressive_math.ProgressiveFrozen(teacher=teacher), stage)
     losses.append(float(metrics["feature_loss"]))
   assert losses[0] > 0 and losses[-1] < losses[0]
   np.testing.assert_allclose(float(metrics["feature_weight"]), 0.5 * (1 + np.cos(np.pi * 0.9)), rtol=1e-5)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jdistill import curriculum as curriculum_lib
 from jdistill.diffusion.losses import weighted_x_loss
 from jdistill.diffusion.parameterization import forward_process
-from jdistill.train import state as state_lib
+from jdistill.objectives import state as state_lib
 
 
 def drop_labels(label, rng, probability, null_class):
@@ -25,7 +25,7 @@ def drop_labels(label, rng, probability, null_class):
 
 
 @dataclasses.dataclass(frozen=True)
-class DenoisingObjective:
+class DenoisingObjective(state_lib.Objective):
   denoiser: Any
   schedule: Any
   optimizer: Any
@@ -37,7 +37,7 @@ class DenoisingObjective:
   label_dropout: float = 0.1
   curriculum: Any = None           # None: t ~ U(0, 1); else an AdaptiveCurriculumScheduler
 
-  def init_state(self, rng, frozen=None):
+  def init_state(self, rng):
     return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
 
   def new_state(self, params):
@@ -63,10 +63,9 @@ class DenoisingObjective:
     del frozen, stage
     (loss, (t, per_example)), grads = jax.value_and_grad(self.loss, has_aux=True)(
         state.params, batch, rng, state.curriculum)
-    lr = state_lib.learning_rate(self.optim, state.step, self.num_steps)
-    new_state = state_lib.apply_gradients(state, grads, self.optimizer, self.optim.ema_decay, lr,
-                                          self.optim.ema_warmup)
-    metrics = {"loss": loss, "grad_norm": state_lib.global_norm(grads), "lr": lr}
+    new_state, update_metrics = state_lib.optimizer_update(state, grads, self.optimizer, self.optim,
+                                                           self.num_steps)
+    metrics = {"loss": loss, **update_metrics}
     new_state = curriculum_lib.advance(self.curriculum, state, new_state, t, per_example, metrics)
     new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)
     return new_state, metrics

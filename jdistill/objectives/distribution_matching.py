@@ -31,24 +31,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from jdistill import files
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
-from jdistill.diffusion.parameterization import broadcast_to_data, clip_x0
+from jdistill.diffusion.parameterization import broadcast_to_data, clip_x0, forward_process
 from jdistill.diffusion.sampling import ddim_segment, ddim_step, ddim_x_target, renoise_step
 from jdistill.models.denoiser import with_step_embedding
 from jdistill.models.unet import MAX_STEPS
-from jdistill.diffusion.parameterization import forward_process
-from jdistill.train import state as state_lib
-from jdistill.train.state import TrainState
+from jdistill.objectives import state as state_lib
+from jdistill.objectives.state import TrainState
 
 VARIANTS = ("dmd2", "tdm")
 REGRESSION_SOURCES = ("pairs", "data")
@@ -60,6 +56,12 @@ def draw_step_index(rng, steps):
 
 
 @flax.struct.dataclass
+class DistributionMatchingFrozen:
+  teacher: Any                 # the real score's params
+  regression: Any = None       # regression_source='pairs': {label, trajectory} (regression_pairs)
+
+
+@flax.struct.dataclass
 class DistributionMatchingState:
   step: jnp.ndarray            # train_step calls (critic updates)
   generator: TrainState
@@ -67,7 +69,7 @@ class DistributionMatchingState:
 
 
 @dataclasses.dataclass(frozen=True)
-class DistributionMatchingObjective:
+class DistributionMatchingObjective(state_lib.Objective):
   denoiser: Any
   schedule: Any
   generator_optimizer: Any
@@ -110,7 +112,7 @@ class DistributionMatchingObjective:
         critic=state_lib.create({"score": critic, "gan_head": gan_head},
                                 self.critic_optimizer, ema=False))
 
-  def init_state(self, rng, frozen=None):
+  def init_state(self, rng):
     return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"], rng)
 
   def eval_params(self, state, frozen=None):
@@ -319,7 +321,7 @@ class DistributionMatchingObjective:
         regression_loss = self.data_regression_loss(params, teacher_params, x_data, label, steps,
                                                     rng_pairs)
       elif regression is None:
-        raise ValueError("config.dmd.regression_weight > 0 needs frozen['regression'] = "
+        raise ValueError("config.dmd.regression_weight > 0 needs frozen.regression = "
                          "objective.regression_pairs(teacher_params, n) (the driver computes it)")
       else:
         regression_loss = self.regression_loss(params, regression, steps, rng_pairs)
@@ -346,7 +348,7 @@ class DistributionMatchingObjective:
     """One critic update, and a generator update every `critic_updates_per_generator` calls:
     decided by `phase` (static, from `phase_of`) or, when None, by state.step inside a lax.cond."""
     del stage
-    teacher = frozen["teacher"]
+    teacher = frozen.teacher
     label = batch["label"] if self.denoiser.num_classes else None
     rng_noise, rng_steps, rng_roll, rng_critic, rng_gen = jax.random.split(rng, 5)
     noise = jax.random.normal(rng_noise, batch["x"].shape)
@@ -357,22 +359,19 @@ class DistributionMatchingObjective:
     x_generated = jax.lax.stop_gradient(self.generate(state.generator.params, z_k, t_k, label, steps))
     (critic_loss, critic_metrics), critic_grads = jax.value_and_grad(self.critic_loss, has_aux=True)(
         state.critic.params, x_generated, batch["x"], label, steps, t_k, rng_critic)
-    critic_lr = state_lib.learning_rate(self.critic_optim, state.step, self.num_steps)
-    critic = state_lib.apply_gradients(state.critic, critic_grads, self.critic_optimizer, None,
-                                       critic_lr)
+    critic, critic_update = state_lib.optimizer_update(    # lr by train_step calls
+        state.critic, critic_grads, self.critic_optimizer, self.critic_optim, self.num_steps,
+        step=state.step)
 
     # the generator: every `critic_updates_per_generator` steps, against the updated critic
     def generator_update(_):
       (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
           state.generator.params, critic.params, teacher, z_k, t_k, label, steps, rng_gen,
-          frozen.get("regression"), batch["x"])
-      lr = state_lib.learning_rate(self.generator_optim, state.generator.step,
-                                   self.num_steps // self.critic_updates_per_generator)
-      generator = state_lib.apply_gradients(state.generator, grads, self.generator_optimizer,
-                                            self.generator_optim.ema_decay, lr,
-                                            self.generator_optim.ema_warmup)
-      return generator, dict(metrics, generator_loss=loss,
-                             generator_grad_norm=state_lib.global_norm(grads))
+          frozen.regression, batch["x"])
+      generator, update = state_lib.optimizer_update(
+          state.generator, grads, self.generator_optimizer, self.generator_optim,
+          self.num_steps // self.critic_updates_per_generator)
+      return generator, dict(metrics, generator_loss=loss, generator_grad_norm=update["grad_norm"])
 
     def skip(_):
       shapes = jax.eval_shape(generator_update, None)[1]
@@ -389,90 +388,7 @@ class DistributionMatchingObjective:
     new_state = DistributionMatchingState(step=state.step + 1, generator=generator, critic=critic)
     total = critic_loss + generator_metrics["generator_loss"]
     metrics = dict(critic_metrics, **generator_metrics, critic_loss=critic_loss,
-                   critic_grad_norm=state_lib.global_norm(critic_grads),
+                   critic_grad_norm=critic_update["grad_norm"],
                    generator_updated=update_now.astype(jnp.float32))
     new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, total)
     return new_state, metrics
-
-
-# -------------------------------------------------------------------- the driver
-
-def make_objective(exp, num_steps):
-  c, d = exp.config, exp.config.dmd
-  critic_optim = c.optim.copy_and_resolve_references()
-  critic_optim.lr = d.critic_lr
-  return DistributionMatchingObjective(
-      exp.denoiser, exp.schedule, state_lib.make_optimizer(c.optim),
-      state_lib.make_optimizer(critic_optim), c.optim, critic_optim, exp.data_shape, num_steps,
-      variant=d.variant, generator_steps=d.generator_steps,
-      critic_updates_per_generator=d.critic_updates_per_generator, t_min=d.t_min, t_max=d.t_max,
-      guidance=c.diffusion.guidance, critic_weighting=d.critic_weighting,
-      regression_weight=d.regression_weight, regression_steps=d.regression_steps,
-      regression_source=d.regression_source,
-      gan_weight=d.gan_weight, huber_c=d.huber_c, remat=d.remat,
-      unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals,
-      step_aware_critic=d.step_aware_critic, clip_x=c.diffusion.clip_x)
-
-
-def train(config, workdir: str):
-  from jdistill.train import checkpoint as ckpt_lib
-  from jdistill.train import loop, setup
-  from jdistill import partitioning
-  from jdistill.train import teacher as teacher_lib
-  exp = setup.build(config, workdir)
-  d = config.dmd
-  mode = "renoise" if d.variant == "dmd2" else "ddim"      # how the generator samples
-  teacher = teacher_lib.load_teacher(exp)
-  num_steps = config.train.num_steps
-  objective = make_objective(exp, num_steps)
-  frozen, frozen_shardings = {"teacher": teacher}, {"teacher": exp.param_shardings()}
-  if d.regression_weight > 0 and d.regression_source == "pairs":
-    start = time.time()
-    frozen["regression"] = objective.regression_pairs(teacher, d.regression_pairs, config.seed + 101)
-    frozen_shardings["regression"] = partitioning.replicated(exp.mesh)
-    logging.info("Regression pairs: %d teacher ODE trajectories (%d DDIM steps) in %.0f s",
-                 d.regression_pairs, d.regression_steps, time.time() - start)
-  compiled = loop.compile_step(objective, exp.mesh, frozen_shardings=frozen_shardings)
-  make_state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
-  # the generator's own step count first: its samples make the TensorBoard grid
-  eval_steps = [d.generator_steps] + sorted(set(d.eval_steps) - {d.generator_steps})
-  evaluate = teacher_lib.fd_callback(exp, eval_steps, mode=mode)
-  best_metric = f"fd_{d.generator_steps}steps"
-  best = {}           # these methods oscillate: keep the best-evaluated generator too (best/)
-  best_manager = ckpt_lib.manager(f"{workdir}/best", max_to_keep=1)
-
-  def on_best(state, scalars, step):
-    ckpt_lib.save(best_manager, step, state, {"step": step, **scalars}, force=True)
-    best.update(step=step, fd=scalars[best_metric])
-
-  start = time.time()
-  state, scalars = loop.run(
-      objective, workdir=workdir, mesh=exp.mesh, train_data=exp.train_data(), num_steps=num_steps,
-      writer=exp.writer, frozen=frozen, evaluate=evaluate, compiled=compiled, seed=config.seed,
-      log_every=config.train.log_every, eval_every=config.train.eval_every,
-      save_every=config.train.save_every, best_metric=best_metric, on_best=on_best,
-      initial_state=lambda: make_state(teacher), meta={"method": d.variant})
-  best_manager.wait_until_finished()
-  seconds = time.time() - start
-  generator = objective.eval_params(state)
-  n_teacher = config.teacher.sampling_steps
-  result = exp.evaluator.evaluate(teacher, n_teacher, final=True)[0]
-  rows = [("teacher (DDIM)", n_teacher, result["fd"], exp.evaluator.speed(result, teacher, n_teacher))]
-  for n in eval_steps:
-    reused = exp.evaluator.final_reuses_training_count and scalars.get(f"fd_{n}steps")
-    result = {"fd": reused} if reused else exp.evaluator.evaluate(generator, n, mode, final=True)[0]
-    rows.append((f"{d.variant} generator", n, result["fd"],
-                 exp.evaluator.speed(result, generator, n, mode)))
-  lines = [f"# {d.variant.upper()}: {config.preset}", "",
-           f"{num_steps} train steps ({num_steps // d.critic_updates_per_generator} generator "
-           f"updates), wall time {seconds / 60:.1f} min (this invocation); FD on "
-           f"{exp.evaluator.final_num_samples} samples vs the held-out split", "",
-           "| model | steps | FD | ms / sample |", "|---|---|---|---|"]
-  lines += [f"| {name} | {n} | {fd:.4g} | {ms:.3f} |" for name, n, fd, ms in rows]
-  if best:
-    lines += ["", f"Best evaluated {d.generator_steps}-step FD in this invocation: {best['fd']:.4g} "
-              f"at step {best['step']} (kept in {workdir}/best)."]
-  text = "\n".join(lines) + "\n"
-  files.write_text(f"{workdir}/summary.md", text)
-  logging.info("\n%s", text)
-  return generator

@@ -1,14 +1,8 @@
-"""The one training loop. It knows nothing about the method: an objective brings
-
-    init_state(rng) -> state (params may be nn.Partitioned-boxed)
-    train_step(state, batch, rng, frozen, stage) -> (state, metrics)   # pure
-    eval_params(state) -> params
-    phase_of(step) -> None or a hashable (optional): a static program choice for loop step
-        `step`, passed to train_step as its 6th argument; each distinct phase compiles once
-        (DMD's critic-only and critic + generator steps: two programs instead of a lax.cond)
-
-and `run` owns the mesh shardings, jit (donated state), the data iterator, CLU writing, progress
-and ETA, evaluation cadence, Orbax checkpoints, resume, and the non-finite-loss stop.
+"""The one training loop. It knows nothing about the method: an `Objective` (its contract is
+jdistill/objectives/state.py) brings init_state, a pure train_step, eval_params and phase_of, and
+`run` owns the mesh shardings, jit (donated state), the data iterator, CLU writing, progress and
+ETA, evaluation cadence, early stopping, Orbax checkpoints, resume, and the non-finite-loss stop.
+Every training control in config.train reaches `run` through one `Settings`.
 """
 from __future__ import annotations
 
@@ -25,29 +19,48 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from jdistill.data import pipeline
-from jdistill.train import checkpoint as ckpt_lib
 from jdistill import partitioning
+from jdistill.data import pipeline
+from jdistill.files import hms
+from jdistill.objectives.state import Objective
+from jdistill.train import checkpoint as ckpt_lib
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf: the run stops; no update with it reached the state."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The training controls of one `run`, built once from config.train (`from_config`)."""
+  num_steps: int
+  seed: int = 0
+  log_every: int = 100
+  eval_every: int = 0              # 0: evaluate only at the end
+  save_every: int = 1000           # 0: save only at the end
+  early_stopping_patience: int = 0  # > 0: stop after that many evaluations without a better best
+  prefetch_threads: int = 2        # grain threads reading and batching ahead of the step
+
+  @classmethod
+  def from_config(cls, config, **overrides):
+    t = config.train
+    values = dict(num_steps=t.num_steps, seed=config.seed, log_every=t.log_every,
+                  eval_every=t.eval_every, save_every=t.save_every,
+                  early_stopping_patience=t.early_stopping_patience)
+    return cls(**{**values, **overrides})
+
+
 @dataclasses.dataclass
 class CompiledStep:
   """A train step jitted once over the mesh, reused across stages (stage values are traced)."""
-  fn: Callable
+  fn: Callable                     # fn(state, batch, rng, frozen, stage, phase); phase static
   state_shardings: Any
   abstract_state: Any
-  phase_of: Optional[Callable] = None
+  phase_of: Callable
 
   def __call__(self, state, batch, rng, frozen, stage, step: int):
-    """The step for loop step `step` (its phase, if the objective has phases)."""
-    phase = self.phase_of(step) if self.phase_of is not None else None
-    if phase is None:
-      return self.fn(state, batch, rng, frozen, stage)
-    return self.fn(state, batch, rng, frozen, stage, phase)
+    """The step for loop step `step` (the objective's phase of it)."""
+    return self.fn(state, batch, rng, frozen, stage, self.phase_of(step))
 
 
 # XLA:CPU's YNNPACK convolution fusion (on by default in recent jaxlibs) computes convolution
@@ -70,19 +83,26 @@ def compiler_options(platform: str):
   return CPU_COMPILER_OPTIONS
 
 
-def compile_step(objective, mesh, frozen_shardings=None) -> CompiledStep:
+def compile_step(objective: Objective, mesh, frozen_shardings=None) -> CompiledStep:
+  """The objective's train_step jitted over `mesh`; `frozen_shardings` (a prefix of `frozen`)
+  defaults to replicated."""
   boxed = jax.eval_shape(objective.init_state, jax.random.key(0))
   state_shardings = partitioning.shardings_for(boxed, mesh)
   abstract_state = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), state_shardings)
   replicated = partitioning.replicated(mesh)
-  fn = jax.jit(objective.train_step,
+
+  def step(state, batch, rng, frozen, stage, phase=None):
+    if phase is None:
+      return objective.train_step(state, batch, rng, frozen, stage)
+    return objective.train_step(state, batch, rng, frozen, stage, phase)
+
+  fn = jax.jit(step,
                in_shardings=(state_shardings, partitioning.batch_sharding(mesh), replicated,
                              frozen_shardings if frozen_shardings is not None else replicated,
                              replicated),
-               out_shardings=(state_shardings, replicated), donate_argnums=0,
-               static_argnums=(5,) if hasattr(objective, "phase_of") else (),
+               out_shardings=(state_shardings, replicated), donate_argnums=0, static_argnums=(5,),
                compiler_options=compiler_options(mesh.devices.flat[0].platform))
-  return CompiledStep(fn, state_shardings, abstract_state, getattr(objective, "phase_of", None))
+  return CompiledStep(fn, state_shardings, abstract_state, objective.phase_of)
 
 
 def init_state(objective, compiled: CompiledStep, rng):
@@ -90,22 +110,24 @@ def init_state(objective, compiled: CompiledStep, rng):
   return init(rng)
 
 
-def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
+def run(objective: Objective, settings: Settings, *, workdir: str, mesh, train_data, writer,
         frozen=None, stage=None, evaluate: Optional[Callable] = None, compiled: CompiledStep = None,
-        seed: int = 0, log_every: int = 100, eval_every: int = 0, save_every: int = 1000,
         metric_prefix: str = "", global_step_offset: int = 0, on_best=None, best_metric=None,
-        meta: Optional[dict] = None, initial_state: Optional[Callable] = None,
-        early_stopping_patience: int = 0, prefetch_threads: int = 2):
-  """Trains `num_steps` steps, checkpointing under `workdir`; resumes from its latest checkpoint.
+        meta: Optional[dict] = None, initial_state: Optional[Callable] = None):
+  """Trains `settings.num_steps` steps, checkpointing under `workdir`; resumes from its latest
+  checkpoint.
 
-  `evaluate(params, step) -> (scalars, images)` runs every `eval_every` steps and at the end.
-  `best_metric` names an eval scalar (lower is better); `on_best(state, scalars, step)` is called
-  when it improves. Metrics are written at `global_step_offset + step` with `metric_prefix`.
-  `initial_state()` (already sharded) replaces `objective.init_state` for a fresh run (a student
-  initialised from its teacher). With `early_stopping_patience` > 0 the run ends after that many
-  evaluations without a better `best_metric` (the best checkpoint is kept by `on_best`).
-  `prefetch_threads` grain threads read and batch ahead of the step. Returns (state, last_eval_scalars).
+  `evaluate(params, step) -> (scalars, images)` runs every `settings.eval_every` steps and at the
+  end. `best_metric` names an eval scalar (lower is better); `on_best(state, scalars, step)` is
+  called when it improves. Metrics are written at `global_step_offset + step` with
+  `metric_prefix`. `initial_state()` (already sharded) replaces `objective.init_state` for a fresh
+  run (a student initialised from its teacher). With `settings.early_stopping_patience` > 0 the
+  run ends after that many evaluations without a better `best_metric`. Returns (state,
+  last_eval_scalars).
   """
+  num_steps, seed, log_every = settings.num_steps, settings.seed, settings.log_every
+  eval_every, save_every = settings.eval_every, settings.save_every
+  early_stopping_patience = settings.early_stopping_patience
   compiled = compiled or compile_step(objective, mesh)
   manager = ckpt_lib.manager(f"{workdir}/checkpoints")
   batch_sharding = partitioning.batch_sharding(mesh)
@@ -123,10 +145,8 @@ def run(objective, *, workdir: str, mesh, train_data, num_steps: int, writer,
     state = initial_state()
   else:
     state = init_state(objective, compiled, jax.random.key(seed))
-  iterator = pipeline.make_iterator(train_data, iterator_state, prefetch_threads)
+  iterator = pipeline.make_iterator(train_data, iterator_state, settings.prefetch_threads)
   base_rng = jax.random.key(seed + 1)
-  frozen = {} if frozen is None else frozen
-  stage = {} if stage is None else stage
 
   def checkpoint(step, force=False, stopped_early=False):
     saved_meta = dict(meta or {}, step=step, data_iterator=iterator.get_state(), best=float(best),

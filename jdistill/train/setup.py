@@ -16,7 +16,7 @@ from jdistill.data import pipeline, sources
 from jdistill.diffusion.schedules import make_schedule
 from jdistill.eval.evaluate import FDEvaluator, Sampler
 from jdistill.models.denoiser import make_denoiser
-from jdistill.train import state as state_lib
+from jdistill.objectives import state as state_lib
 from jdistill import partitioning
 
 

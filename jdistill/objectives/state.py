@@ -1,12 +1,42 @@
-"""TrainState, optimizers from config, EMA, and the non-finite guard shared by every objective."""
+"""What every objective shares: the Objective contract, the TrainState, optimizers from config,
+the one optimizer update (lr -> direction -> EMA) and the non-finite guard that ends each step."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Hashable, Optional, Protocol
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from jdistill.errors import check_choice
+
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+class Objective(Protocol):
+  """A distillation method's math, as pure functions the one loop compiles (train/loop.py).
+
+    init_state(rng) -> state            any pytree (params may be nn.Partitioned-boxed)
+    train_step(state, batch, rng, frozen, stage[, phase]) -> (state, metrics)   pure
+    eval_params(state, frozen) -> params   what sampling uses (EMA, merged LoRA, the generator)
+    phase_of(step) -> None | hashable    a static program choice for loop step `step`; each
+                                         distinct phase compiles once (None: one program)
+
+  `frozen` (what a step reads but never trains: teachers, cached weights) and `stage` (small
+  traced values: a new stage is new data, not a new program) are declared pytrees, or None.
+  """
+
+  def init_state(self, rng) -> Any: ...
+
+  def train_step(self, state, batch, rng, frozen, stage) -> tuple: ...
+
+  def eval_params(self, state, frozen=None) -> Any: ...
+
+  def phase_of(self, step: int) -> Optional[Hashable]:
+    del step
+    return None
 
 
 @flax.struct.dataclass
@@ -30,14 +60,13 @@ def learning_rate(optim, step, total_steps):
   warm = jnp.where(warmup > 0, jnp.minimum(step / jnp.maximum(warmup, 1.0), 1.0), 1.0)
   progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
   end = optim.final_lr_fraction
+  check_choice("optim.schedule", optim.schedule, LR_SCHEDULES)
   if optim.schedule == "constant":
     decay = 1.0
   elif optim.schedule == "cosine":
     decay = end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-  elif optim.schedule == "linear":
-    decay = 1.0 + (end - 1.0) * progress
   else:
-    raise ValueError(f"config.optim.schedule: unknown {optim.schedule!r}")
+    decay = 1.0 + (end - 1.0) * progress
   return optim.lr * warm * decay
 
 
@@ -45,8 +74,7 @@ def make_optimizer(optim) -> optax.GradientTransformation:
   """The update direction (clipping, Adam moments, decoupled weight decay); `apply_gradients`
   scales it by -learning_rate(step, total)."""
   parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-  if optim.name not in ("adam", "adamw"):
-    raise ValueError(f"config.optim.name: unknown optimizer {optim.name!r}; use adam or adamw")
+  check_choice("optim.name", optim.name, OPTIMIZERS)
   parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps))
   if optim.name == "adamw" and optim.weight_decay > 0:
     parts.append(optax.add_decayed_weights(optim.weight_decay))
@@ -77,6 +105,16 @@ def apply_gradients(state: TrainState, grads, optimizer, ema_decay, lr, ema_warm
     ema_decay = jnp.where(optimizer.has_updated(opt_state), ema_decay, 1.0)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+
+def optimizer_update(state: TrainState, grads, optimizer, optim, total_steps, step=None):
+  """The one update every train_step ends in: lr(step, total) from `optim` (config.optim; `step`
+  defaults to the state's own), the optimizer's direction, EMA (`optim.ema_decay`,
+  `optim.ema_warmup`; none for a state kept without EMA). Returns (new state, {'grad_norm', 'lr'});
+  the step then ends in `keep_if_finite`."""
+  lr = learning_rate(optim, state.step if step is None else step, total_steps)
+  new_state = apply_gradients(state, grads, optimizer, optim.ema_decay, lr, optim.ema_warmup)
+  return new_state, {"grad_norm": global_norm(grads), "lr": lr}
 
 
 def keep_if_finite(new_state, old_state, loss):

@@ -1,0 +1,45 @@
+"""The method registry: each method is a driver module here (its config section and defaults,
+`validate`, `make_objective`, `train`, and what sampling needs: EXPORT, PARAMS_KEY, sampling_mode)
+over its math in jdistill/objectives/. `train(config, workdir)` validates, then runs the method."""
+from __future__ import annotations
+
+import jax
+
+from jdistill import config as config_lib
+from jdistill.errors import ConfigError
+from jdistill.methods import common, distribution_matching, multi_teacher, progressive, teacher
+
+METHODS = {
+    "teacher": teacher,
+    "progressive": progressive,
+    "dmd": distribution_matching,
+    "multi_teacher": multi_teacher,
+}
+
+
+def get(name: str):
+  """The driver module of method `name` (config.method)."""
+  if name not in METHODS:
+    raise ConfigError(f"config.method: unknown method {name!r}; choose one of {sorted(METHODS)}")
+  return METHODS[name]
+
+
+def validate(config, num_devices: int):
+  """Every check, before any compute: the shared sections, the optional training controls (one
+  the method does not support is refused, naming the field and the methods that support it), and
+  the method's own section."""
+  method = get(config.method)
+  config_lib.validate(config, num_devices)
+  for control, field in common.controls_in_use(config).items():
+    if control not in method.CONTROLS:
+      supporters = sorted(name for name, m in METHODS.items() if control in m.CONTROLS)
+      raise ConfigError(f"config.{field}: method {config.method!r} does not support {control}; "
+                        f"methods that do: {', '.join(supporters)}")
+  method.validate(config)
+
+
+def train(config, workdir: str):
+  """Validates `config`, then trains its method into `workdir`; returns what the method returns
+  (the final params)."""
+  validate(config, jax.device_count())
+  return get(config.method).train(config, workdir)

@@ -1,0 +1,133 @@
+"""What every method's driver shares: the run skeleton (compile, initial state, best checkpoint,
+the one loop fed by one Settings), the FD callback for evaluations during training, the end-of-run
+FD / speed table, the summary writer and the export of what sampling needs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+from absl import logging
+
+from jdistill import files
+from jdistill.eval import evaluate as eval_lib
+from jdistill.train import checkpoint as ckpt_lib
+from jdistill.train import loop, teachers
+
+# The shared training controls a method may not support: what a config sets, as the field to name.
+def controls_in_use(config) -> dict:
+  """{control: 'field=value'} for each optional control the config turns on."""
+  used = {}
+  if config.lora.rank > 0:
+    used["lora"] = f"lora.rank={config.lora.rank}"
+  if config.curriculum.sampler != "uniform":
+    used["curriculum"] = f"curriculum.sampler={config.curriculum.sampler!r}"
+  if config.features.weight_start or config.features.weight_end:
+    used["features"] = (f"features.weight_start={config.features.weight_start}, "
+                        f"weight_end={config.features.weight_end}")
+  return used
+
+
+class BestKeeper:
+  """`on_best` for the loop: keeps the best-evaluated state (lower `metric`) in `directory`."""
+
+  def __init__(self, directory: str, metric: str):
+    self.metric, self.step, self.value = metric, None, None
+    self.manager = ckpt_lib.manager(directory, max_to_keep=1)
+
+  def __call__(self, state, scalars, step):
+    ckpt_lib.save(self.manager, step, state, {"step": step, **scalars}, force=True)
+    self.step, self.value = step, scalars[self.metric]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+
+@dataclasses.dataclass
+class Trained:
+  state: Any
+  last_eval: dict                 # the scalars of the run's last evaluation
+  best: BestKeeper
+  seconds: float                  # wall time of this invocation's training loop
+
+
+def state_maker(objective, compiled: loop.CompiledStep) -> Callable:
+  """objective.new_state(params) jitted onto the step's state shardings (a student, generator or
+  fine-tune starting from given params)."""
+  return jax.jit(objective.new_state, out_shardings=compiled.state_shardings)
+
+
+def train(exp, objective, settings: loop.Settings, *, workdir: str, train_data, evaluate,
+          best_metric: str, compiled: Optional[loop.CompiledStep] = None, frozen=None,
+          frozen_shardings=None, stage=None, initial_state: Optional[Callable] = None,
+          metric_prefix: str = "", global_step_offset: int = 0, meta: Optional[dict] = None):
+  """One `loop.run` with the best checkpoint kept in `workdir/best`; returns `Trained`."""
+  compiled = compiled or loop.compile_step(objective, exp.mesh, frozen_shardings)
+  best = BestKeeper(os.path.join(workdir, "best"), best_metric)
+  start = time.time()
+  state, last_eval = loop.run(
+      objective, settings, workdir=workdir, mesh=exp.mesh, train_data=train_data,
+      writer=exp.writer, frozen=frozen, stage=stage, evaluate=evaluate, compiled=compiled,
+      metric_prefix=metric_prefix, global_step_offset=global_step_offset, on_best=best,
+      best_metric=best_metric, meta=meta, initial_state=initial_state)
+  best.wait()
+  return Trained(state, last_eval, best, time.time() - start)
+
+
+def fd_callback(exp, steps_list, prefix: str = "", mode: str = "ddim"):
+  """evaluate(params, step) -> ({'fd_<N>steps': ...}, {'samples': grid of the first N}) for the
+  loop; `mode` is the sampler ('renoise' for DMD2 generators)."""
+  def evaluate(params, step):
+    scalars, grid = {}, None
+    for n in steps_list:
+      result, samples = exp.evaluator.evaluate(params, n, mode)
+      scalars.update({f"{k}_{n}steps": v for k, v in result.items()})
+      grid = eval_lib.image_grid(samples) if grid is None else grid
+    logging.info("%seval at step %d: %s", prefix, step,
+                 "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+    return scalars, {"samples": grid[None]}
+  return evaluate
+
+
+def fd_table(exp, params, steps_list, *, mode: str = "ddim", last_eval=None, name: str = ""):
+  """End-of-run rows {steps, fd, [swd], ms_per_sample, seconds} on eval.final_num_samples samples;
+  a training evaluation in `last_eval` of the same sample count is reused, not redone. Sample
+  grids go to `<workdir>/<name>samples_<N>steps.png`."""
+  rows = []
+  for n in steps_list:
+    start = time.time()
+    reused = (last_eval or {}).get(f"fd_{n}steps") if exp.evaluator.final_reuses_training_count else None
+    if reused is not None:
+      result = {"fd": reused}
+    else:
+      result, samples = exp.evaluator.evaluate(params, n, mode, final=True)
+      eval_lib.save_png(eval_lib.image_grid(samples),
+                        os.path.join(exp.workdir, f"{name}samples_{n}steps.png"))
+    ms = exp.evaluator.speed(result, params, n, mode)
+    rows.append(dict(steps=n, **{k: v for k, v in result.items() if k != "ms_per_sample"},
+                     ms_per_sample=ms, seconds=time.time() - start))
+    logging.info("%s%d steps (%s): %s", name, n, mode,
+                 "  ".join(f"{k}={v:.4g}" for k, v in rows[-1].items() if k != "steps"))
+  return rows
+
+
+def write_summary(workdir: str, title: str, intro, header, rows, footer=()):
+  """summary.md: a title, intro lines, a markdown table (header and rows of cells), footer lines."""
+  if jax.process_index() != 0:
+    return
+  lines = [f"# {title}", ""] + [line for text in intro for line in (text, "")]
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+  if footer:
+    lines += [""] + list(footer)
+  text = "\n".join(lines) + "\n"
+  files.write_text(os.path.join(workdir, "summary.md"), text)
+  logging.info("\n%s", text)
+
+
+def export(params, config, path: str, mode: str, steps: int):
+  """The exported model of a run: `path` (.msgpack) and its JSON, which `jdistill.sample
+  --checkpoint=PATH` reads to rebuild and sample it (`mode`, `steps`) without a run directory."""
+  teachers.export(params, config, path, {"mode": mode, "steps": int(steps)})

@@ -1,0 +1,71 @@
+"""Teacher training (`configs/teacher.py`): the denoising objective, an FD table over DDIM step
+counts, and the exported EMA teacher (`workdir/teacher.msgpack` + `teacher.json`). With
+`config.teacher.checkpoint` set, it fine-tunes that teacher instead of starting afresh."""
+from __future__ import annotations
+
+import os
+
+from jdistill import config as config_lib
+from jdistill import curriculum as curriculum_lib
+from jdistill.data import pipeline
+from jdistill.methods import common
+from jdistill.objectives.denoising import DenoisingObjective
+from jdistill.train import loop, setup, teachers
+
+CONTROLS = frozenset({"curriculum"})      # optional controls it supports (methods/common.py)
+EXPORT = "teacher.msgpack"                # the run's exported model, for jdistill.sample
+PARAMS_KEY = "ema_params"                 # what sampling restores from an Orbax checkpoint
+
+
+def get_config(preset: str = "digits"):
+  config = config_lib.base_config(preset)
+  config.method = "teacher"
+  return config
+
+
+def validate(config):
+  if not config.teacher.checkpoint:
+    config_lib.warn_if_ema_keeps_the_init(config)
+
+
+def sampling_mode(config) -> str:
+  return "ddim"
+
+
+def make_objective(exp, num_steps):
+  c = exp.config
+  return DenoisingObjective(
+      denoiser=exp.denoiser, schedule=exp.schedule, optimizer=exp.optimizer(), optim=c.optim,
+      num_steps=num_steps, data_shape=exp.data_shape, weighting=c.diffusion.loss_weighting,
+      min_snr_gamma=c.diffusion.min_snr_gamma, label_dropout=c.diffusion.label_dropout,
+      curriculum=curriculum_lib.make_scheduler(c))
+
+
+def train(config, workdir: str):
+  exp = setup.build(config, workdir)
+  objective = make_objective(exp, config.train.num_steps)
+  compiled = loop.compile_step(objective, exp.mesh)
+  initial_state = None
+  if config.teacher.checkpoint:        # fine-tune: start from a trained teacher's EMA params
+    make_state = common.state_maker(objective, compiled)
+    initial_state = lambda: make_state(teachers.load_teacher(exp))
+  steps = config.eval.steps_during_training
+  trained = common.train(
+      exp, objective, loop.Settings.from_config(config), workdir=workdir,
+      train_data=exp.train_data(), evaluate=common.fd_callback(exp, steps), compiled=compiled,
+      best_metric=f"fd_{steps[0]}steps", initial_state=initial_state,
+      meta={"method": "teacher", "config": config.to_json()})
+  params = objective.eval_params(trained.state, None)
+  common.export(params, config, os.path.join(workdir, EXPORT), "ddim", config.teacher.sampling_steps)
+  rows = common.fd_table(exp, params, config.eval.final_steps)
+  floor = exp.evaluator.fd_of(pipeline.all_examples(exp.train_source, config.eval.num_samples)["x"])
+  extras = [k for k in rows[0] if k not in ("steps", "fd", "ms_per_sample", "seconds")]
+  common.write_summary(
+      workdir, f"Teacher: {config.preset}",
+      [f"training wall time: {trained.seconds / 60:.1f} min, {config.train.num_steps} steps",
+       f"real-data floor (train split vs held-out, {config.eval.num_samples} vs "
+       f"{len(exp.test_source.records)}): FD {floor['fd']:.4g}"],
+      ["DDIM steps", "FD", *extras, "ms / sample", "seconds"],
+      [[r["steps"], f"{r['fd']:.4g}", *(f"{r[k]:.4g}" for k in extras), f"{r['ms_per_sample']:.3f}",
+        f"{r['seconds']:.1f}"] for r in rows])
+  return params

@@ -1,0 +1,91 @@
+"""Teachers and exported models: find the bundled teacher of a config, load params from an exported
+.msgpack or an Orbax run, and export params with the JSON that says how to rebuild and sample them."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from absl import logging
+from etils import epath
+from flax import serialization
+
+from jdistill import files
+from jdistill.train import checkpoint as ckpt_lib
+
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+BUNDLED_DIGITS_TEACHER = os.path.join(BUNDLED_DIR, "digits_teacher.msgpack")
+
+
+def bundled_teacher_path(config):
+  """The bundled teacher of the config's data (digits; the toy2d checkerboard) if the config's
+  model and diffusion match the ones it was trained with; None otherwise. A mismatch is an error
+  naming the field."""
+  name = {"digits": "digits", "toy2d": config.data.name}.get(config.data.source)
+  path = os.path.join(BUNDLED_DIR, f"{name}_teacher.msgpack")
+  if name is None or not os.path.exists(path):
+    return None
+  with open(path.replace(".msgpack", ".json")) as f:
+    trained = json.load(f)
+  for section in ("model", "diffusion"):
+    for key, value in trained[section].items():
+      mine = config[section][key]
+      mine = mine.to_dict() if hasattr(mine, "to_dict") else mine
+      if (list(mine) if isinstance(mine, tuple) else mine) != value:
+        raise ValueError(f"config.{section}.{key}={mine!r}, but the bundled {name} teacher was "
+                         f"trained with {value!r}: set it back, or pass config.teacher.checkpoint")
+  return path
+
+
+def load_exported(path, abstract_params):
+  """EMA params from an exported .msgpack, checked against and placed like `abstract_params`."""
+  if not epath.Path(path).exists():
+    raise ckpt_lib.CheckpointError(f"teacher file {path!r} does not exist")
+  params = serialization.msgpack_restore(epath.Path(path).read_bytes())
+  return ckpt_lib.place_like(params, abstract_params, f"teacher {path}")
+
+
+def load_checkpoint(path, abstract_params):
+  """EMA params from an exported .msgpack, or an Orbax run / checkpoints directory."""
+  if path.endswith(".msgpack"):
+    logging.info("Params: %s", path)
+    return load_exported(path, abstract_params)
+  logging.info("Params: EMA params of the Orbax checkpoint in %s", path)
+  run_checkpoints = os.path.join(path, "checkpoints")
+  return ckpt_lib.restore_params(
+      run_checkpoints if epath.Path(run_checkpoints).is_dir() else path, abstract_params)
+
+
+def load_teacher(exp):
+  """The teacher's EMA params: config.teacher.checkpoint (an Orbax run dir or a .msgpack), else
+  the bundled teacher of the data (digits, toy2d checkerboard); otherwise a clear error saying how
+  to train one."""
+  c = exp.config
+  abstract = exp.abstract_params()
+  if c.teacher.checkpoint:
+    return load_checkpoint(c.teacher.checkpoint, abstract)
+  bundled = bundled_teacher_path(c)
+  if bundled:
+    logging.info("Teacher: the bundled teacher %s (reproduce with `python -m jdistill.main "
+                 "--config=configs/teacher.py:%s --workdir=runs/teacher`)", bundled, c.preset)
+    return load_exported(bundled, abstract)
+  raise ckpt_lib.CheckpointError(
+      "no teacher: set config.teacher.checkpoint to a teacher run directory or .msgpack "
+      "(train one with `python -m jdistill.main --config=configs/teacher.py:<preset> --workdir=...`)")
+
+
+def export(params, config, path: str, sampling: dict):
+  """Writes `params` to `path` (.msgpack) and, next to it (.json), what rebuilds and samples them:
+  the model, diffusion and data config sections, the method, and `sampling` ({mode, steps})."""
+  if jax.process_index() != 0:
+    return
+  files.write_bytes(path, serialization.to_bytes(jax.device_get(params)))
+  files.write_json(path.replace(".msgpack", ".json"), {
+      "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
+      "data": config.data.to_dict(), "method": config.method, "sampling": sampling,
+      "train_steps": config.train.num_steps})
+
+
+def read_export(path: str) -> dict:
+  """The JSON next to an exported .msgpack (None if there is none)."""
+  return files.read_json(path.replace(".msgpack", ".json"))
