@@ -16,6 +16,7 @@ from jdistill import partitioning
 from jdistill.config import check
 from jdistill.errors import check_choice
 from jdistill.methods import common
+from jdistill.models.lora import make_lora
 from jdistill.models.unet import MAX_STEPS
 from jdistill.objectives import state as state_lib
 from jdistill.objectives.distribution_matching import (REGRESSION_SOURCES, VARIANTS,
@@ -24,7 +25,7 @@ from jdistill.objectives.distribution_matching import (REGRESSION_SOURCES, VARIA
 from jdistill.diffusion.losses import WEIGHTINGS
 from jdistill.train import loop, setup, teachers
 
-CONTROLS = frozenset()                   # optional controls it supports (methods/common.py)
+CONTROLS = frozenset({"lora"})                   # optional controls it supports (methods/common.py)
 EXPORT = "generator.msgpack"
 PARAMS_KEY = "generator/ema_params"
 
@@ -100,6 +101,10 @@ def validate(config):
   counts = set(d.unify_steps or (d.generator_steps,))
   check(not d.step_aware_critic or sum(counts) <= MAX_STEPS, "dmd.step_aware_critic",
         f"one id per (K, k) step: the step counts {sorted(counts)} sum to {sum(counts)} > {MAX_STEPS}")
+  told = bool(d.unify_steps) or (d.step_aware_critic and max(counts) > 1)
+  check(not config.lora.rank or not told, "lora.rank",
+        "LoRA generator and critic adapt the teacher itself, which has no step embedding: use it "
+        "without dmd.unify_steps, and with dmd.step_aware_critic=False when K > 1")
 
 
 def sampling_mode(config) -> str:
@@ -121,7 +126,7 @@ def make_objective(exp, num_steps):
       regression_source=d.regression_source,
       gan_weight=d.gan_weight, huber_c=d.huber_c, remat=d.remat,
       unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals,
-      step_aware_critic=d.step_aware_critic, clip_x=c.diffusion.clip_x)
+      step_aware_critic=d.step_aware_critic, clip_x=c.diffusion.clip_x, lora=make_lora(c))
 
 
 def train(config, workdir: str):
@@ -150,7 +155,7 @@ def train(config, workdir: str):
       train_data=exp.train_data(), evaluate=common.fd_callback(exp, eval_steps, mode=mode),
       best_metric=f"fd_{d.generator_steps}steps", compiled=compiled, frozen=frozen,
       initial_state=lambda: make_state(teacher), meta={"method": d.variant})
-  generator = objective.eval_params(trained.state)
+  generator = objective.eval_params(trained.state, frozen)
   common.export(generator, config, os.path.join(workdir, EXPORT), mode, d.generator_steps)
   n_teacher = config.teacher.sampling_steps
   teacher_rows = common.fd_table(exp, teacher, [n_teacher], name="teacher_")

@@ -20,12 +20,13 @@ from jdistill.data import cache as cache_lib
 from jdistill.diffusion.losses import WEIGHTINGS
 from jdistill.errors import ConfigError, check_choice
 from jdistill.methods import common
+from jdistill.models.lora import make_lora
 from jdistill.objectives.multi_teacher import (MultiTeacherFrozen, MultiTeacherObjective,
                                                teacher_weights)
 from jdistill.train import loop, setup, teachers
 from jdistill.train.teachers import BUNDLED_DIGITS_TEACHER
 
-CONTROLS = frozenset()                   # optional controls it supports (methods/common.py)
+CONTROLS = frozenset({"lora"})                   # optional controls it supports (methods/common.py)
 EXPORT = "student.msgpack"
 PARAMS_KEY = "ema_params"
 LOSSES = ("mse", "huber")
@@ -103,6 +104,9 @@ def validate(config):
     cache_lib.parse_buckets(c.buckets)
   except cache_lib.CacheError as e:
     raise ConfigError(str(e)) from e
+  check(not config.lora.rank or config.multi_teacher.student_init != "random", "lora.rank",
+        "a LoRA student adapts its initial weights: set multi_teacher.student_init to a teacher, "
+        "'average' or a checkpoint, not 'random'")
   if config.multi_teacher.student_init == "random":
     config_lib.warn_if_ema_keeps_the_init(config)
 
@@ -112,7 +116,7 @@ def make_objective(exp, teacher_ids):
   return MultiTeacherObjective(
       exp.denoiser, exp.schedule, exp.optimizer(), c.optim, c.train.num_steps, exp.data_shape,
       tuple(teacher_ids), mt.loss_weighting, c.diffusion.min_snr_gamma,
-      mt.huber_delta if mt.loss == "huber" else None)
+      mt.huber_delta if mt.loss == "huber" else None, lora=make_lora(c))
 
 
 def cache_dir(config, workdir: str) -> str:
@@ -190,20 +194,28 @@ def train(config, workdir: str):
                ", ".join(f"{i} (w={w:.3g})" for i, w in zip(ids, weights)),
                caches.latents["num_records"] * caches.noise_draws, len(ids))
   objective = make_objective(exp, ids)
-  compiled = loop.compile_step(objective, exp.mesh)
+  frozen = MultiTeacherFrozen(weights=jnp.asarray(weights, jnp.float32))
+  frozen_shardings = None
+  if objective.lora is not None:  # the adapters' base: the student's initial weights
+    frozen = frozen.replace(base=student_params(config, ids, weights, exp.abstract_params()))
+    frozen_shardings = MultiTeacherFrozen(weights=partitioning.replicated(exp.mesh),
+                                          base=exp.param_shardings())
+  compiled = loop.compile_step(objective, exp.mesh, frozen_shardings)
   initial_state = None            # a fresh run only: a resumed one never loads the teachers here
   if config.multi_teacher.student_init != "random":
     make_state = common.state_maker(objective, compiled)
-    initial_state = lambda: make_state(student_params(config, ids, weights, exp.abstract_params()))
+    initial_state = lambda: make_state(
+        frozen.base if frozen.base is not None else
+        student_params(config, ids, weights, exp.abstract_params()))
   steps = config.eval.steps_during_training
   trained = common.train(
       exp, objective, loop.Settings.from_config(config, prefetch_threads=config.cache.read_threads),
       workdir=workdir, train_data=cache_lib.training_dataset(caches, config.data.batch_size, config.seed),
       evaluate=common.fd_callback(exp, steps), best_metric=f"fd_{steps[0]}steps", compiled=compiled,
-      frozen=MultiTeacherFrozen(weights=jnp.asarray(weights, jnp.float32)),
+      frozen=frozen,
       initial_state=initial_state,
       meta={"method": "multi_teacher", "weights": dict(zip(ids, map(float, weights)))})
-  student = objective.eval_params(trained.state)
+  student = objective.eval_params(trained.state, frozen)
   common.export(student, config, os.path.join(workdir, EXPORT), "ddim", config.eval.final_steps[-1])
   rows = common.fd_table(exp, student, config.eval.final_steps)
   evaluated = {i: dict(weight=float(w), checkpoint=mt.teachers[i].checkpoint) for i, w in zip(ids, weights)}

@@ -7,12 +7,14 @@ import os
 
 from jdistill import config as config_lib
 from jdistill import curriculum as curriculum_lib
+from jdistill.config import check
 from jdistill.data import pipeline
 from jdistill.methods import common
-from jdistill.objectives.denoising import DenoisingObjective
+from jdistill.models.lora import make_lora
+from jdistill.objectives.denoising import DenoisingFrozen, DenoisingObjective
 from jdistill.train import loop, setup, teachers
 
-CONTROLS = frozenset({"curriculum"})      # optional controls it supports (methods/common.py)
+CONTROLS = frozenset({"curriculum", "lora"})      # optional controls it supports (methods/common.py)
 EXPORT = "teacher.msgpack"                # the run's exported model, for jdistill.sample
 PARAMS_KEY = "ema_params"                 # what sampling restores from an Orbax checkpoint
 
@@ -24,6 +26,8 @@ def get_config(preset: str = "digits"):
 
 
 def validate(config):
+  check(not config.lora.rank or config.teacher.checkpoint, "lora.rank",
+        "a LoRA adapts a trained teacher: set config.teacher.checkpoint (a fine-tune)")
   if not config.teacher.checkpoint:
     config_lib.warn_if_ema_keeps_the_init(config)
 
@@ -38,24 +42,27 @@ def make_objective(exp, num_steps):
       denoiser=exp.denoiser, schedule=exp.schedule, optimizer=exp.optimizer(), optim=c.optim,
       num_steps=num_steps, data_shape=exp.data_shape, weighting=c.diffusion.loss_weighting,
       min_snr_gamma=c.diffusion.min_snr_gamma, label_dropout=c.diffusion.label_dropout,
-      curriculum=curriculum_lib.make_scheduler(c))
+      curriculum=curriculum_lib.make_scheduler(c), lora=make_lora(c))
 
 
 def train(config, workdir: str):
   exp = setup.build(config, workdir)
   objective = make_objective(exp, config.train.num_steps)
-  compiled = loop.compile_step(objective, exp.mesh)
-  initial_state = None
+  frozen, frozen_shardings, initial_state = None, None, None
+  if objective.lora is not None:       # the adapters' base: the teacher being fine-tuned
+    frozen = DenoisingFrozen(base=teachers.load_teacher(exp))
+    frozen_shardings = DenoisingFrozen(base=exp.param_shardings())
+  compiled = loop.compile_step(objective, exp.mesh, frozen_shardings)
   if config.teacher.checkpoint:        # fine-tune: start from a trained teacher's EMA params
     make_state = common.state_maker(objective, compiled)
-    initial_state = lambda: make_state(teachers.load_teacher(exp))
+    initial_state = lambda: make_state(frozen.base if frozen else teachers.load_teacher(exp))
   steps = config.eval.steps_during_training
   trained = common.train(
       exp, objective, loop.Settings.from_config(config), workdir=workdir,
       train_data=exp.train_data(), evaluate=common.fd_callback(exp, steps), compiled=compiled,
-      best_metric=f"fd_{steps[0]}steps", initial_state=initial_state,
+      best_metric=f"fd_{steps[0]}steps", frozen=frozen, initial_state=initial_state,
       meta={"method": "teacher", "config": config.to_json()})
-  params = objective.eval_params(trained.state, None)
+  params = objective.eval_params(trained.state, frozen)
   common.export(params, config, os.path.join(workdir, EXPORT), "ddim", config.teacher.sampling_steps)
   rows = common.fd_table(exp, params, config.eval.final_steps)
   floor = exp.evaluator.fd_of(pipeline.all_examples(exp.train_source, config.eval.num_samples)["x"])

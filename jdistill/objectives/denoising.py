@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -24,6 +25,11 @@ def drop_labels(label, rng, probability, null_class):
   return jnp.where(jax.random.uniform(rng, label.shape) < probability, null_class, label)
 
 
+@flax.struct.dataclass
+class DenoisingFrozen:
+  base: Any = None                # LoRA: the frozen weights the adapters sit on (the fine-tuned teacher)
+
+
 @dataclasses.dataclass(frozen=True)
 class DenoisingObjective(state_lib.Objective):
   denoiser: Any
@@ -36,15 +42,18 @@ class DenoisingObjective(state_lib.Objective):
   min_snr_gamma: float = 5.0
   label_dropout: float = 0.1
   curriculum: Any = None           # None: t ~ U(0, 1); else an AdaptiveCurriculumScheduler
+  lora: Any = None                 # a LoRA: only adapters train, over frozen.base
 
   def init_state(self, rng):
     return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
 
-  def new_state(self, params):
-    """A fresh state (optimizer, EMA, curriculum) around `params` (a fine-tune starts from a teacher)."""
-    return curriculum_lib.attach(self.curriculum, state_lib.create(params, self.optimizer))
+  def new_state(self, params, rng=None):
+    """A fresh state (optimizer, EMA, curriculum) around `params` (a fine-tune starts from a
+    teacher), or around LoRA adapters over them."""
+    return curriculum_lib.attach(
+        self.curriculum, state_lib.create(state_lib.trainable(self.lora, params, rng), self.optimizer))
 
-  def loss(self, params, batch, rng, curriculum_state=None):
+  def loss(self, params, batch, rng, curriculum_state=None, frozen=None):
     x = batch["x"]
     rng_t, rng_eps, rng_drop, rng_dropout = jax.random.split(rng, 4)
     if self.curriculum is None:
@@ -55,14 +64,15 @@ class DenoisingObjective(state_lib.Objective):
     z_t, logsnr = forward_process(x, t, eps, self.schedule)
     label = batch["label"] if self.denoiser.num_classes else None
     label = drop_labels(label, rng_drop, self.label_dropout, self.denoiser.num_classes)
+    params = state_lib.full_params(self.lora, params, None if frozen is None else frozen.base)
     pred = self.denoiser.predict(params, z_t, logsnr, label, train=True, rng=rng_dropout)
     per_example = weighted_x_loss(pred.x0, x, logsnr, self.weighting, self.min_snr_gamma)
     return jnp.mean(importance * per_example), (t, per_example)
 
   def train_step(self, state, batch, rng, frozen, stage):
-    del frozen, stage
+    del stage
     (loss, (t, per_example)), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        state.params, batch, rng, state.curriculum)
+        state.params, batch, rng, state.curriculum, frozen)
     new_state, update_metrics = state_lib.optimizer_update(state, grads, self.optimizer, self.optim,
                                                            self.num_steps)
     metrics = {"loss": loss, **update_metrics}
@@ -71,4 +81,4 @@ class DenoisingObjective(state_lib.Objective):
     return new_state, metrics
 
   def eval_params(self, state, frozen=None):
-    return state.ema_params
+    return state_lib.full_params(self.lora, state.ema_params, None if frozen is None else frozen.base)

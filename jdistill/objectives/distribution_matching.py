@@ -95,6 +95,7 @@ class DistributionMatchingObjective(state_lib.Objective):
   step_intervals: bool = True      # TDM: diffuse step k's x_hat only within its interval [s_k, t_k]
   step_aware_critic: bool = True   # K > 1: the critic is told which step made each sample
   clip_x: bool = False             # rollouts clip x_hat to [-1, 1] like the sampler does
+  lora: Any = None                 # a LoRA: generator and critic train adapters over the teacher
 
   # ---------------------------------------------------------------- state
   def new_state(self, teacher_params, rng=None) -> DistributionMatchingState:
@@ -106,6 +107,9 @@ class DistributionMatchingObjective(state_lib.Objective):
     told = lambda params: with_step_embedding(self.denoiser, params, jnp.zeros((1, *self.data_shape)))
     generator = told(teacher_params) if self.unify_steps else teacher_params
     critic = told(teacher_params) if self.critic_is_told() else teacher_params
+    if self.lora is not None:       # both adapt the one frozen teacher (no step embedding: validated)
+      generator = state_lib.trainable(self.lora, teacher_params, jax.random.fold_in(rng, 1))
+      critic = state_lib.trainable(self.lora, teacher_params, jax.random.fold_in(rng, 2))
     return DistributionMatchingState(
         step=jnp.zeros((), jnp.int32),
         generator=state_lib.create(generator, self.generator_optimizer),
@@ -116,7 +120,14 @@ class DistributionMatchingObjective(state_lib.Objective):
     return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"], rng)
 
   def eval_params(self, state, frozen=None):
-    return state.generator.ema_params
+    return self.full(state.generator.ema_params, frozen)
+
+  def full(self, trainable, frozen):
+    """A network's params from what trains (the params, or LoRA adapters over the teacher)."""
+    return state_lib.full_params(self.lora, trainable, None if frozen is None else frozen.teacher)
+
+  def full_critic(self, critic_params, frozen):
+    return dict(critic_params, score=self.full(critic_params["score"], frozen))
 
   def regression_grid(self):
     """M: the regression pairs keep the teacher's ODE state at t = m / M, M = lcm of the K in use."""
@@ -276,7 +287,8 @@ class DistributionMatchingObjective(state_lib.Objective):
     return z_t, t, logsnr
 
   # ---------------------------------------------------------------- losses
-  def critic_loss(self, critic_params, x_generated, x_data, label, steps, t_k, rng):
+  def critic_loss(self, critic_params, x_generated, x_data, label, steps, t_k, rng, frozen=None):
+    critic_params = self.full_critic(critic_params, frozen)
     rng_noise, rng_gan = jax.random.split(rng)
     z_t, t, logsnr = self._noise(x_generated, rng_noise, *self.noise_interval(t_k, steps))
     pred = self._predict(critic_params["score"], z_t, t, label, steps=self.critic_step_ids(steps, t_k))
@@ -294,7 +306,8 @@ class DistributionMatchingObjective(state_lib.Objective):
     return loss, metrics
 
   def generator_loss(self, params, critic_params, teacher_params, z_k, t_k, label, steps, rng,
-                     regression=None, x_data=None):
+                     regression=None, x_data=None, frozen=None):
+    params, critic_params = self.full(params, frozen), self.full_critic(critic_params, frozen)
     rng_noise, rng_gan, rng_pairs = jax.random.split(rng, 3)
     x = self.generate(params, z_k, t_k, label, steps)
     z_t, t, _ = self._noise(jax.lax.stop_gradient(x), rng_noise,
@@ -355,10 +368,11 @@ class DistributionMatchingObjective(state_lib.Objective):
     steps = self.draw_step_counts(rng_steps, noise.shape[0])
 
     # the critic: denoise the generator's current samples
-    z_k, t_k = self.rollout(state.generator.params, noise, label, steps, rng_roll)
-    x_generated = jax.lax.stop_gradient(self.generate(state.generator.params, z_k, t_k, label, steps))
+    generator_params = self.full(state.generator.params, frozen)
+    z_k, t_k = self.rollout(generator_params, noise, label, steps, rng_roll)
+    x_generated = jax.lax.stop_gradient(self.generate(generator_params, z_k, t_k, label, steps))
     (critic_loss, critic_metrics), critic_grads = jax.value_and_grad(self.critic_loss, has_aux=True)(
-        state.critic.params, x_generated, batch["x"], label, steps, t_k, rng_critic)
+        state.critic.params, x_generated, batch["x"], label, steps, t_k, rng_critic, frozen)
     critic, critic_update = state_lib.optimizer_update(    # lr by train_step calls
         state.critic, critic_grads, self.critic_optimizer, self.critic_optim, self.num_steps,
         step=state.step)
@@ -367,7 +381,7 @@ class DistributionMatchingObjective(state_lib.Objective):
     def generator_update(_):
       (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
           state.generator.params, critic.params, teacher, z_k, t_k, label, steps, rng_gen,
-          frozen.regression, batch["x"])
+          frozen.regression, batch["x"], frozen)
       generator, update = state_lib.optimizer_update(
           state.generator, grads, self.generator_optimizer, self.generator_optim,
           self.num_steps // self.critic_updates_per_generator)

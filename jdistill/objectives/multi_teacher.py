@@ -41,6 +41,7 @@ def teacher_weights(teachers):
 @flax.struct.dataclass
 class MultiTeacherFrozen:
   weights: Any                    # w_k, (K,) float32, in the order of `teacher_ids`
+  base: Any = None                # LoRA: the frozen weights the adapters sit on (the student's init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +56,13 @@ class MultiTeacherObjective(state_lib.Objective):
   weighting: str = "v_mse"
   min_snr_gamma: float = 5.0
   huber_delta: Optional[float] = None   # None: mse
+  lora: Any = None                # a LoRA: only adapters train, over frozen.base
 
   def init_state(self, rng):
     return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
 
-  def new_state(self, params):
-    return state_lib.create(params, self.optimizer)
+  def new_state(self, params, rng=None):
+    return state_lib.create(state_lib.trainable(self.lora, params, rng), self.optimizer)
 
   def targets(self, batch, weights):
     """(z_t, logsnr_t, x_k of every teacher (B, K, ...), x_target = sum_k w_k x_k) of a cached batch."""
@@ -80,7 +82,8 @@ class MultiTeacherObjective(state_lib.Objective):
     z_t, logsnr, teacher_x, x_target = self.targets(batch, frozen.weights)
     label = batch["label"] if self.denoiser.num_classes else None
 
-    def loss_fn(params):
+    def loss_fn(trainable):
+      params = state_lib.full_params(self.lora, trainable, frozen.base)
       pred = self.denoiser.predict(params, z_t, logsnr, label, train=True, rng=rng)
       return jnp.mean(self.distance(pred.x0, x_target, logsnr)), pred.x0
 
@@ -94,4 +97,4 @@ class MultiTeacherObjective(state_lib.Objective):
     return new_state, metrics
 
   def eval_params(self, state, frozen=None):
-    return state.ema_params
+    return state_lib.full_params(self.lora, state.ema_params, None if frozen is None else frozen.base)

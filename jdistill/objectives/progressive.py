@@ -20,7 +20,6 @@ import dataclasses
 from typing import Any, Optional
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -85,16 +84,14 @@ class ProgressiveObjective(state_lib.Objective):
 
   def new_state(self, student_init, rng=None):
     """A fresh student state: full params, or LoRA adapters over `student_init`."""
-    params = student_init
-    if self.lora is not None:
-      params = self.lora.init(jax.random.key(0) if rng is None else rng, nn.unbox(student_init))
+    params = state_lib.trainable(self.lora, student_init, rng)
     return curriculum_lib.attach(self.curriculum, state_lib.create(params, self.optimizer))
 
   def init_state(self, rng):
     return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
 
   def student_params(self, trainable, frozen):
-    return trainable if self.lora is None else self.lora.merge(frozen.student_base, trainable)
+    return state_lib.full_params(self.lora, trainable, frozen.student_base)
 
   def student_times(self, state, rng, batch, student_steps):
     """(t, s, importance weight) for the student's step t -> s on its N-step grid."""

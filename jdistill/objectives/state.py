@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Hashable, Optional, Protocol
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -105,6 +106,19 @@ def apply_gradients(state: TrainState, grads, optimizer, ema_decay, lr, ema_warm
     ema_decay = jnp.where(optimizer.has_updated(opt_state), ema_decay, 1.0)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
   return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+
+def trainable(lora, params, rng=None):
+  """What trains, starting from `params`: the params themselves, or (a LoRA) fresh adapters over
+  them, which stay frozen as the adapters' base."""
+  if lora is None:
+    return params
+  return lora.init(jax.random.key(0) if rng is None else rng, nn.unbox(params))
+
+
+def full_params(lora, trainable_params, base):
+  """The network's params: the trainable params, or the LoRA adapters merged into `base`."""
+  return trainable_params if lora is None else lora.merge(base, trainable_params)
 
 
 def optimizer_update(state: TrainState, grads, optimizer, optim, total_steps, step=None):
