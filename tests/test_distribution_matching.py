@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from clu import metric_writers
 
+from jdistill import methods
 from jdistill.methods import distribution_matching as dm_method
 from jdistill.data import pipeline
 from jdistill.objectives import distribution_matching as dm

@@ -35,7 +35,8 @@ class BestKeeper:
 
   def __init__(self, directory: str, metric: str):
     self.metric, self.step, self.value = metric, None, None
-    self.manager = ckpt_lib.manager(directory, max_to_keep=1)
+    # synchronous: a multi-process run's async saves of two managers would share commit barriers
+    self.manager = ckpt_lib.manager(directory, max_to_keep=1, asynchronous=False)
 
   def __call__(self, state, scalars, step):
     ckpt_lib.save(self.manager, step, state, {"step": step, **scalars}, force=True)
@@ -119,7 +120,7 @@ def write_summary(workdir: str, title: str, intro, header, rows, footer=()):
     return
   lines = [f"# {title}", ""] + [line for text in intro for line in (text, "")]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+  lines += ["|" + "|".join(f" {cell} " if cell != "" else " " for cell in row) + "|" for row in rows]
   if footer:
     lines += [""] + list(footer)
   text = "\n".join(lines) + "\n"

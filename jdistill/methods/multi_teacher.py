@@ -5,7 +5,9 @@ the exported student."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -79,19 +81,19 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
 
 
 def validate(config):
-  teachers = config.multi_teacher.teachers
-  check(len(teachers) > 0, "multi_teacher.teachers",
+  specs = config.multi_teacher.teachers
+  check(len(specs) > 0, "multi_teacher.teachers",
         "no teachers; give id -> {checkpoint: ..., weight: ...}")
-  for teacher_id in teachers:
+  for teacher_id in specs:
     field = f"multi_teacher.teachers.{teacher_id}"
     check(re.fullmatch(r"[A-Za-z0-9_.-]+", teacher_id) is not None, field,
           "an id is letters, digits, '_', '.' and '-' (it names a directory)")
-    check(bool(teachers[teacher_id].get("checkpoint")), f"{field}.checkpoint",
+    check(bool(specs[teacher_id].get("checkpoint")), f"{field}.checkpoint",
           "empty; give a .msgpack or an Orbax run directory")
-    weight = teachers[teacher_id].get("weight")
+    weight = specs[teacher_id].get("weight")
     check(isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0,
           f"{field}.weight", f"must be a number >= 0, got {weight!r}")
-  check(sum(teachers[t].weight for t in teachers) > 0, "multi_teacher.teachers",
+  check(sum(specs[t].weight for t in specs) > 0, "multi_teacher.teachers",
         "all weights are 0; at least one teacher needs a weight > 0")
   check_choice("multi_teacher.loss", config.multi_teacher.loss, LOSSES)
   check(config.multi_teacher.huber_delta > 0, "multi_teacher.huber_delta", "must be > 0")
@@ -163,17 +165,15 @@ def student_params(config, teacher_ids, weights, abstract_params):
   fine-tunes of one base model share its basin, so the soup starts near every teacher and nearer
   to none); a checkpoint path; or None for 'random'."""
   spec = config.multi_teacher.student_init
-  teachers = config.multi_teacher.teachers
+  checkpoints = {i: config.multi_teacher.teachers[i].checkpoint for i in teacher_ids}
   load = lambda path: teachers.load_checkpoint(path, abstract_params)
   if spec == "random":
     return None
   if spec == "average":
-    trees = [load(teachers[i].checkpoint) for i in teacher_ids]
+    trees = [load(checkpoints[i]) for i in teacher_ids]
     return jax.tree.map(lambda *leaves: sum(float(w) * leaf for w, leaf in zip(weights, leaves)), *trees)
-  return load(spec or teachers[teacher_ids[int(np.argmax(weights))]].checkpoint)
+  return load(spec or checkpoints[teacher_ids[int(np.argmax(weights))]])
 
-
-# ----------------------------------------------------------------------------- the driver
 
 def sampling_mode(config) -> str:
   return "ddim"

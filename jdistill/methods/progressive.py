@@ -159,7 +159,8 @@ def train(config, workdir: str):
       teacher=param_shardings, student_base=param_shardings if objective.lora is not None else None)
   compiled = loop.compile_step(objective, exp.mesh, frozen_shardings=frozen_shardings)
   make_state = common.state_maker(objective, compiled)
-  validation_batch = pipeline.all_examples(exp.test_source, p.validation_examples)
+  validation_batch = (pipeline.all_examples(exp.test_source, p.validation_examples)
+                      if p.validation_examples else None)
   validation_loss = jax.jit(objective.validation_loss)
 
   teacher_result = exp.evaluator.evaluate(original_teacher, steps[0], final=True)[0]
