@@ -56,20 +56,20 @@ class CompileLog:
 
 
 def configs(args):
-  from jdistill import config as config_lib
+  from jdistill.methods import distribution_matching, progressive as pd_method, teacher as teacher_method
   evaluation = dict(num_samples=args.eval_samples, batch_size=args.eval_samples)
-  teacher = config_lib.base_config("digits")
+  teacher = teacher_method.get_config("digits")
   teacher.train.update(num_steps=args.train_steps, log_every=args.train_steps, eval_every=0,
                        save_every=0)
   teacher.eval.update(steps_during_training=(4,), final_steps=(64, 1), **evaluation)
 
-  progressive = config_lib.progressive_config("digits")
+  progressive = pd_method.get_config("digits")
   progressive.progressive.update(steps_per_stage=args.steps_per_stage, stage_overrides="",
                                  validation_examples=args.eval_samples)
   progressive.train.update(log_every=args.steps_per_stage, save_every=0)
   progressive.eval.update(**evaluation)
 
-  dmd = config_lib.distribution_matching_config("digits", "dmd2")
+  dmd = distribution_matching.get_config("digits", "dmd2")
   dmd.train.update(num_steps=args.train_steps, log_every=args.train_steps, eval_every=0,
                    save_every=0)
   dmd.eval.update(**evaluation)
@@ -107,10 +107,8 @@ def main(argv=None):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   import jax
-  from jdistill.objectives import distribution_matching, progressive
-  from jdistill.train import teacher as teacher_lib
-  drivers = {"teacher": teacher_lib.train, "progressive": progressive.train,
-             "dmd": distribution_matching.train}
+  from jdistill import methods
+  drivers = {name: methods.train for name in ("teacher", "progressive", "dmd")}
 
   machine = common.machine_info()
   if common.busy_warning(machine):

@@ -41,7 +41,7 @@ def main():
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   from configs.curriculum import get_config
-  from jdistill.objectives import progressive
+  from jdistill import methods
 
   seeds = [int(s) for s in args.seeds.split(",")]
   curves, results = {}, []
@@ -52,7 +52,7 @@ def main():
       config.seed = seed
       workdir = os.path.join(args.workdir, f"{variant}_seed{seed}")
       start = time.time()
-      progressive.train(config, workdir)
+      methods.train(config, workdir)
       steps, val = scalars(workdir, "stage0_4steps/val_loss")
       _, fd = scalars(workdir, "stage0_4steps/fd")
       curves[(variant, seed)] = (steps, val)

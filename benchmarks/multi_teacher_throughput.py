@@ -35,18 +35,19 @@ def main(_):
 
   from jdistill.data import cache as cache_lib
   from jdistill.data import pipeline
-  from jdistill.objectives import multi_teacher as mt_lib
+  from jdistill.methods import multi_teacher as mt_lib
+  from jdistill.objectives.multi_teacher import MultiTeacherFrozen, teacher_weights
   from jdistill.diffusion.parameterization import forward_process
   from jdistill.train import setup
   from jdistill import partitioning
-  from jdistill.train import teacher as teacher_lib
+  from jdistill.train import teachers as teacher_lib
 
   spec = importlib.util.spec_from_file_location("mt_config", FLAGS.config)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   exp = setup.build(config, tempfile.mkdtemp(), evaluator=False, record_config=False)
-  ids, weights = mt_lib.teacher_weights(config.multi_teacher.teachers)
+  ids, weights = teacher_weights(config.multi_teacher.teachers)
   caches = mt_lib.open_caches(config, FLAGS.workdir, ids)
   teachers = [teacher_lib.load_checkpoint(config.multi_teacher.teachers[i].checkpoint,
                                           exp.abstract_params()) for i in ids]
@@ -54,7 +55,7 @@ def main(_):
   from jdistill.train import loop
   compiled = loop.compile_step(objective, exp.mesh)
   state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)(teachers[0])
-  frozen = {"weights": jnp.asarray(weights, jnp.float32)}
+  frozen = MultiTeacherFrozen(weights=jnp.asarray(weights, jnp.float32))
   sharding = partitioning.batch_sharding(exp.mesh)
   batch_size = config.data.batch_size
 
@@ -84,11 +85,11 @@ def main(_):
     nonlocal state
     metrics = None
     for i in range(3):                                   # warm-up (compiles)
-      state, metrics = compiled.fn(state, make_batch(i), jax.random.key(i), frozen, {})
+      state, metrics = compiled.fn(state, make_batch(i), jax.random.key(i), frozen, None)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for i in range(FLAGS.steps):
-      state, metrics = compiled.fn(state, make_batch(i), jax.random.key(i), frozen, {})
+      state, metrics = compiled.fn(state, make_batch(i), jax.random.key(i), frozen, None)
     jax.block_until_ready(metrics)
     return FLAGS.steps * batch_size / (time.perf_counter() - start)
 

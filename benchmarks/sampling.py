@@ -29,13 +29,13 @@ def build(args, workdir):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from jdistill import config as config_lib
+  from jdistill.methods import progressive
   from jdistill.diffusion.schedules import make_schedule
   from jdistill.eval.evaluate import Sampler
   from jdistill.models.denoiser import make_denoiser
   from jdistill.train import setup
-  from jdistill.train import teacher as teacher_lib
-  config = config_lib.progressive_config("digits")
+  from jdistill.train import teachers as teacher_lib
+  config = progressive.get_config("digits")
   config.eval.batch_size = args.samples
   if args.model == "digits":
     exp = setup.build(config, workdir, evaluator=False, record_config=False)

@@ -40,13 +40,13 @@ def make_config(kind: str, size: str, resolution: int, batch: int, dtype: str):
   """The library's config for `kind`, with a benchmark U-Net. DMD2 updates the generator at every
   step (critic_updates_per_generator=1) so each step does both updates, without the digits
   preset's DMD1 regression term."""
-  from jdistill import config as config_lib
+  from jdistill.methods import distribution_matching, progressive, teacher
   if kind == "teacher":
-    config = config_lib.base_config("digits")
+    config = teacher.get_config("digits")
   elif kind == "progressive":
-    config = config_lib.progressive_config("digits")
+    config = progressive.get_config("digits")
   elif kind == "dmd":
-    config = config_lib.distribution_matching_config("digits", "dmd2")
+    config = distribution_matching.get_config("digits", "dmd2")
     config.dmd.update(critic_updates_per_generator=1, regression_weight=0.0)   # the DMD2 step
   else:
     raise ValueError(f"--steps: unknown {kind!r}; choose from {KINDS}")
@@ -77,10 +77,10 @@ class Ours:
     import jax.numpy as jnp
     from jdistill.diffusion.schedules import make_schedule
     from jdistill.models.denoiser import make_denoiser
-    from jdistill.objectives import distribution_matching, progressive
-    from jdistill.train import loop
     from jdistill import partitioning
-    from jdistill.train import teacher as teacher_lib
+    from jdistill.methods import distribution_matching, progressive, teacher as teacher_method
+    from jdistill.objectives import distribution_matching as dm, progressive as pd
+    from jdistill.train import loop
 
     shape = (resolution, resolution, common.DATA_CHANNELS)
     denoiser = make_denoiser(config.model, shape, config.diffusion.parameterization)
@@ -92,20 +92,22 @@ class Ours:
                       out_shardings=param_shardings)(jax.random.key(1))
     self.params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(teacher)))
     if kind == "teacher":
-      objective = teacher_lib.objective_for(exp, 1000)
+      objective = teacher_method.make_objective(exp, 1000)
       compiled = loop.compile_step(objective, mesh)
       self.state = loop.init_state(objective, compiled, jax.random.key(0))
-      self.frozen, self.stage = {}, {}
+      self.frozen, self.stage = None, None
     else:
       if kind == "progressive":
         objective = progressive.make_objective(exp)
-        self.stage = {k: jnp.int32(v) for k, v in PROGRESSIVE_STAGE.items()}
+        self.stage = pd.ProgressiveStage(**{k: jnp.int32(v) for k, v in PROGRESSIVE_STAGE.items()})
+        frozen = pd.ProgressiveFrozen
       else:
         objective = distribution_matching.make_objective(exp, 1000)
-        self.stage = {}
-      compiled = loop.compile_step(objective, mesh, frozen_shardings={"teacher": param_shardings})
+        self.stage = None
+        frozen = dm.DistributionMatchingFrozen
+      compiled = loop.compile_step(objective, mesh, frozen_shardings=frozen(teacher=param_shardings))
       self.state = jax.jit(objective.new_state, out_shardings=compiled.state_shardings)(teacher)
-      self.frozen = {"teacher": teacher}
+      self.frozen = frozen(teacher=teacher)
     x = np.random.RandomState(0).uniform(-1, 1, (batch, *shape)).astype(np.float32)
     self.batch = {"x": jax.device_put(x, partitioning.batch_sharding(mesh))}
     self.rng = jax.random.key(2)

@@ -54,6 +54,32 @@ def test_sample_cli_writes_uint8_nhwc_and_a_png(tiny_teacher_run, tmp_path, chec
   assert mean == pytest.approx((fd(lines["0"]) + fd(lines["1"])) / 2, rel=1e-3)
 
 
+def test_an_exported_model_samples_alone_without_its_run(tiny_teacher_run, tmp_path):
+  """--checkpoint=MODEL.msgpack with no --workdir: the JSON next to it rebuilds the model and says
+  how it samples; the samples equal those drawn through the run directory."""
+  import json
+  _, workdir, _ = tiny_teacher_run
+  exported = json.load(open(os.path.join(workdir, "teacher.json")))
+  assert exported["sampling"] == {"mode": "ddim", "steps": 256} and exported["method"] == "teacher"
+  alone = str(tmp_path / "model")
+  os.makedirs(alone)
+  for name in ("teacher.msgpack", "teacher.json"):        # the model moved away from its run
+    with open(os.path.join(workdir, name), "rb") as src, open(os.path.join(alone, name), "wb") as dst:
+      dst.write(src.read())
+  outputs = []
+  for flags in ([f"--checkpoint={alone}/teacher.msgpack"], [f"--workdir={workdir}"]):
+    out = str(tmp_path / f"{len(outputs)}.npz")
+    result = subprocess.run([sys.executable, "-m", "jdistill.sample", *flags, "--num_steps=3",
+                             "--num_samples=12", f"--out={out}"], env=ENV, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outputs.append(np.load(out)["samples"])
+  np.testing.assert_array_equal(outputs[0], outputs[1])
+  missing = subprocess.run([sys.executable, "-m", "jdistill.sample", f"--checkpoint={tmp_path}/none.msgpack"],
+                           env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert missing.returncode != 0 and "none.json next to it" in missing.stderr
+
+
 def test_exported_teacher_equals_checkpoint_ema(tiny_teacher_run):
   config, workdir, params = tiny_teacher_run
   exp = setup.build(config, workdir + "_check", evaluator=False)
