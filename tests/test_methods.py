@@ -33,6 +33,7 @@ CONFIGS = {"teacher": teacher_method.get_config, "progressive": pd_method.get_co
 def tiny_config(name):
   """The method's digits defaults with the tiny U-Net, small batches and cheap evaluations."""
   config = tiny_unet(CONFIGS[name]("digits"))
+  config.model.update(channel_mult=(1,), attention_resolutions=())    # the cheapest U-Net
   config.data.batch_size = 16
   config.optim.warmup_steps = 0                  # the first update moves the params
   config.eval.update(num_samples=32, final_num_samples=0, final_steps=(2,),
@@ -94,32 +95,23 @@ def same(a, b):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_gradient_accumulation_reaches_every_method(name, tmp_path):
+def test_gradient_accumulation_and_ema_warmup_reach_every_method(name, tmp_path):
+  """Accumulation over 2 micro-steps: the first leaves every network of the method (and its EMA)
+  where it was, the second moves it. EMA warmup: that first real update's EMA decay is
+  min(decay, 1/10), so ema_1 = d ema_0 + (1 - d) params_1, by hand (without warmup the decay
+  itself: tests/test_training_controls.py)."""
   config = tiny_config(name)
-  _, _, plain, _, _ = run_steps(name, config, tmp_path / "plain", 1)
-  assert not same(trainable_params(name, plain[1]), trainable_params(name, plain[0]))
-  config.optim.accumulate_steps = 2
-  _, _, accumulated, _, _ = run_steps(name, config, tmp_path / "accumulated", 2)
-  # the first micro-step only accumulates; the second updates (every network of the method)
-  assert same(trainable_params(name, accumulated[1]), trainable_params(name, accumulated[0]))
-  for before, after in zip(trainable_params(name, accumulated[0]) if name == "dmd" else [accumulated[0].params],
-                           trainable_params(name, accumulated[2]) if name == "dmd" else [accumulated[2].params]):
-    assert not same(after, before)
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_ema_warmup_reaches_every_method(name, tmp_path):
-  """After the first update the EMA's decay is min(decay, 1/10) with warmup, the decay without:
-  ema_1 = d ema_0 + (1 - d) params_1, by hand."""
-  for warmup in (False, True):
-    config = tiny_config(name)
-    config.optim.ema_warmup = warmup
-    _, _, states, _, _ = run_steps(name, config, tmp_path / str(warmup), 1)
-    d = min(config.optim.ema_decay, 0.1) if warmup else config.optim.ema_decay
-    params_1 = states[1].generator.params if name == "dmd" else states[1].params
-    expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params(name, states[0]), params_1)
-    for got, want in zip(jax.tree.leaves(ema_params(name, states[1])), jax.tree.leaves(expected)):
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  config.optim.update(accumulate_steps=2, ema_warmup=True)
+  _, _, states, _, _ = run_steps(name, config, tmp_path, 2)
+  networks = lambda state: trainable_params(name, state) if name == "dmd" else (state.params,)
+  for before, first, second in zip(*(networks(state) for state in states)):
+    assert same(first, before) and not same(second, before)
+  assert same(ema_params(name, states[1]), ema_params(name, states[0]))
+  d = min(config.optim.ema_decay, 0.1)
+  params_1 = states[2].generator.params if name == "dmd" else states[2].params
+  expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params(name, states[0]), params_1)
+  for got, want in zip(jax.tree.leaves(ema_params(name, states[2])), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ("teacher", "dmd", "multi_teacher"))

@@ -38,9 +38,8 @@ def get_config(preset: str = "digits", variant: str = "dmd2"):
   config.dmd = ml_collections.ConfigDict(dict(
       variant=variant,
       generator_steps=4 if tdm else 1,
-      critic_updates_per_generator=5,   # two time-scales; TDM's paper uses 1:1, which oscillated
-                                        # here (docs/results.md): 5:1 is stable for both (digits
-                                        # DMD2 with the regression: 2:1)
+      critic_updates_per_generator=5,   # two time-scales (TDM's paper: 1:1; why 5:1 here:
+                                        # docs/results.md)
       t_min=0.02, t_max=0.98,
       critic_lr=1e-4,
       critic_weighting="min_snr" if tdm else "v_mse",   # TDM: x0-MSE x min(SNR, 5)
@@ -62,22 +61,19 @@ def get_config(preset: str = "digits", variant: str = "dmd2"):
   config.teacher.sampling_steps = 64
   config.train.update(num_steps=2500 if not tdm else 1500, log_every=50, eval_every=500,
                       save_every=250)
-  if preset == "digits":        # sized for ~20 min on 2 CPU cores: few updates, so larger steps
+  if preset == "digits":        # sized for a 2-core CPU: few updates, so larger steps
     config.data.batch_size = 32
     config.optim.update(lr=5e-4, schedule="cosine", final_lr_fraction=0.1)
-    # regression to the teacher's 16-step DDIM ODE (DMD2: 8192 fixed trajectories): a faster
-    # start, a steadier chain
+    # regression to the teacher's 16-step DDIM ODE (DMD2: 8192 fixed trajectories)
     config.dmd.update(critic_lr=5e-4, regression_steps=16, regression_pairs=8192)
-    if tdm:   # TDM's normalised pseudo-Huber gradient is ~30x the regression's at weight 1: at 100
-      # the regression along the teacher's trajectory leads and the DM term corrects; from data
-      # noised to t_k, not fixed pairs, which it memorised at low noise (results.md, session 10)
+    if tdm:   # the regression along the teacher's trajectory leads (TDM's normalised gradient is
+      # ~30x the regression's at weight 1), from data noised to t_k (docs/results.md)
       config.dmd.update(regression_weight=100.0, regression_source="data")
       config.train.update(num_steps=5000, eval_every=1000)   # 1000 generator updates
-    else:     # 2:1: 1750 generator updates in the time of 1000 at 5:1 (1:1 oscillated); weight 1
-      # narrowed the spread between seeds (results.md)
+    else:     # 2:1 and regression weight 1 (docs/results.md)
       config.dmd.update(critic_updates_per_generator=2, regression_weight=1.0)
-      config.train.update(num_steps=3500, eval_every=700)     # 14 min
-    # the final table on 5000 samples: at 1000 one generator's FD spread 22-33 over noise seeds
+      config.train.update(num_steps=3500, eval_every=700)
+    # the final table on 5000 samples: FD's spread over noise seeds is large at 1000
     config.eval.final_num_samples = 5000
   if preset == "toy2d":
     config.train.update(num_steps=3000 if not tdm else 6000, eval_every=1000 if not tdm else 2000)

@@ -31,13 +31,7 @@ class DenoisingFrozen:
 
 
 @dataclasses.dataclass(frozen=True)
-class DenoisingObjective(state_lib.Objective):
-  denoiser: Any
-  schedule: Any
-  optimizer: Any
-  optim: Any                      # config.optim (lr schedule, EMA decay and warmup)
-  num_steps: int
-  data_shape: tuple
+class DenoisingObjective(state_lib.OneNetworkObjective):
   weighting: str = "v_mse"
   min_snr_gamma: float = 5.0
   label_dropout: float = 0.1

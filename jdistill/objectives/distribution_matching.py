@@ -175,8 +175,7 @@ class DistributionMatchingObjective(state_lib.Objective):
     """`regression_source='data'`, progressive-style: step k starts from data noised to t_k,
     z_t = alpha_t x + sigma_t eps (the teacher ODE's marginal at t_k), and the teacher runs its
     segment t_k -> s_k online in ceil(regression_steps / min K) DDIM substeps. Fresh states every
-    step: no fixed trajectories to memorise (the fixed pairs' error at low noise was 37% higher on
-    fresh trajectories than on the training ones, docs/results.md)."""
+    step: no fixed trajectories to memorise (docs/results.md)."""
     rng_k, rng_eps = jax.random.split(rng)
     t, s = self._segment(steps, draw_step_index(rng_k, steps))
     z_t, _ = forward_process(x_data, t, jax.random.normal(rng_eps, x_data.shape), self.schedule)

@@ -45,13 +45,7 @@ class MultiTeacherFrozen:
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiTeacherObjective(state_lib.Objective):
-  denoiser: Any
-  schedule: Any
-  optimizer: Any
-  optim: Any                      # config.optim (lr schedule, EMA decay and warmup)
-  num_steps: int
-  data_shape: tuple
+class MultiTeacherObjective(state_lib.OneNetworkObjective):
   teacher_ids: tuple              # the order of batch['teacher_v'][:, k] and frozen.weights[k]
   weighting: str = "v_mse"
   min_snr_gamma: float = 5.0

@@ -2,6 +2,7 @@
 the one optimizer update (lr -> direction -> EMA) and the non-finite guard that ends each step."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Hashable, Optional, Protocol
 
 import flax
@@ -38,6 +39,17 @@ class Objective(Protocol):
   def phase_of(self, step: int) -> Optional[Hashable]:
     del step
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class OneNetworkObjective(Objective):
+  """The fields every objective that trains one network with one optimizer starts with."""
+  denoiser: Any
+  schedule: Any
+  optimizer: Any
+  optim: Any                      # config.optim (lr schedule, EMA decay and warmup)
+  num_steps: int                  # train steps of the run (the lr schedule)
+  data_shape: tuple
 
 
 @flax.struct.dataclass
