@@ -14,11 +14,11 @@ from jdistill.diffusion.losses import WEIGHTINGS
 from jdistill.diffusion.parameterization import PARAMETERIZATIONS
 from jdistill.diffusion.schedules import SCHEDULES
 from jdistill.errors import ConfigError, check_choice
+from jdistill.models.denoiser import MODELS
 from jdistill.objectives.progressive import FEATURE_SCHEDULES
 from jdistill.objectives.state import LR_SCHEDULES, OPTIMIZERS
 
 PRESETS = ("digits", "toy2d", "mnist", "cifar10", "imagenet64")
-MODELS = ("unet", "mlp")
 DATA_SOURCES = ("digits", "toy2d", "tfds", "image_folder")
 FEATURE_NETS = ("digits", "raw", "inception")
 

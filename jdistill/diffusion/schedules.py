@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdistill.errors import check_choice
+
 LOGSNR_MIN, LOGSNR_MAX = -20.0, 20.0
 SCHEDULES = ("cosine", "linear", "scaled_linear")
 
@@ -59,12 +61,11 @@ class Schedule:
 def make_schedule(config) -> Schedule:
   """Builds the schedule named by `config.name` ('cosine', 'linear', 'scaled_linear')."""
   name = config.name
+  check_choice("diffusion.schedule.name", name, SCHEDULES)
   if name == "cosine":
     return Schedule("cosine", cosine_logsnr)
-  if name in ("linear", "scaled_linear"):
-    t_grid, logsnr_grid = discrete_logsnr_table(
-        name, config.num_train_timesteps, config.beta_start, config.beta_end)
-    t_grid = jnp.asarray(t_grid, jnp.float32)
-    logsnr_grid = jnp.asarray(logsnr_grid, jnp.float32)
-    return Schedule(name, lambda t: jnp.interp(jnp.asarray(t, jnp.float32), t_grid, logsnr_grid))
-  raise ValueError(f"config.schedule.name: unknown schedule {name!r}; choose one of {SCHEDULES}")
+  t_grid, logsnr_grid = discrete_logsnr_table(                  # 'linear', 'scaled_linear'
+      name, config.num_train_timesteps, config.beta_start, config.beta_end)
+  t_grid = jnp.asarray(t_grid, jnp.float32)
+  logsnr_grid = jnp.asarray(logsnr_grid, jnp.float32)
+  return Schedule(name, lambda t: jnp.interp(jnp.asarray(t, jnp.float32), t_grid, logsnr_grid))

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 
 from jdistill.diffusion import parameterization as param_lib
 from jdistill.diffusion.parameterization import Prediction
+from jdistill.errors import check_choice
+
+MODELS = ("unet", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +89,7 @@ def make_denoiser(model_config, data_shape, parameterization: str) -> Denoiser:
   """Builds the Denoiser from `config.model` for data of shape `data_shape` (no batch dim)."""
   from jdistill.models.mlp import MLPDenoiser
   from jdistill.models.unet import UNet
+  check_choice("model.name", model_config.name, MODELS)
   dtype = jnp.dtype(model_config.dtype)
   out = param_lib.output_channels(parameterization, data_shape[-1])
   if model_config.name == "unet":
@@ -96,10 +100,8 @@ def make_denoiser(model_config, data_shape, parameterization: str) -> Denoiser:
                   num_heads=model_config.num_heads, dropout=model_config.dropout,
                   num_classes=model_config.num_classes, norm_groups=model_config.norm_groups,
                   dtype=dtype)
-  elif model_config.name == "mlp":
+  else:
     module = MLPDenoiser(out_channels=out, hidden=model_config.channels,
                          depth=model_config.num_res_blocks, num_classes=model_config.num_classes,
                          dtype=dtype)
-  else:
-    raise ValueError(f"config.model.name: unknown model {model_config.name!r}; use 'unet' or 'mlp'")
   return Denoiser(module, parameterization, model_config.num_classes)
