@@ -118,6 +118,13 @@ def validate(config, num_devices: int):
   check_choice("optim.name", config.optim.name, OPTIMIZERS)
   check_choice("optim.schedule", config.optim.schedule, LR_SCHEDULES)
   check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+  check(config.optim.eps > 0, "optim.eps", f"must be > 0 (Adam divides by sqrt(v) + eps), got "
+        f"{config.optim.eps}")
+  for field in ("b1", "b2"):
+    check(0.0 <= config.optim[field] < 1.0, f"optim.{field}", f"must be in [0, 1), got "
+          f"{config.optim[field]}")
+  check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: off)")
+  check(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
   check(config.data.batch_size > 0 and config.data.batch_size % num_devices == 0,
         "data.batch_size", f"{config.data.batch_size} is not divisible by the {num_devices} devices")
   check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")

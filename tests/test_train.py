@@ -12,7 +12,7 @@ import pytest
 from clu import metric_writers
 from flax import serialization
 
-from jdistill.data import sources
+from jdistill.data import pipeline, sources
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup
 from jdistill.methods.teacher import make_objective as objective_for
@@ -157,3 +157,35 @@ def test_missing_and_mismatched_checkpoints_say_which_and_why(tmp_path, digits_c
   other = setup.build(digits_config, str(tmp_path / "b"), evaluator=False)
   with pytest.raises(ckpt_lib.CheckpointError, match="has shape .* the configured model expects"):
     ckpt_lib.restore_params(str(tmp_path / "a" / "checkpoints"), other.abstract_params())
+
+
+def test_a_nonfinite_update_with_a_finite_loss_never_reaches_the_params(tmp_path, digits_config):
+  """Adam with eps = 0 divides 0 by 0 on the exactly-zero gradients of step 1: the loss is finite,
+  the new params are not. The step is skipped, the loop names the update, and the checkpoint holds
+  the last finite state."""
+  exp = setup.build(digits_config, str(tmp_path), evaluator=False)
+  digits_config.optim.eps = 0.0          # past validation, which refuses it (test below)
+  objective = objective_for(exp, 100)
+  compiled = loop.compile_step(objective, exp.mesh)
+  state = loop.init_state(objective, compiled, jax.random.key(0))
+  before = jax.device_get(state.params)
+  batch = next(pipeline.make_iterator(exp.train_data()))
+  state, metrics = compiled.fn(state, batch, jax.random.key(1), None, None)
+  assert np.isfinite(float(metrics["loss"]))
+  assert int(metrics["nonfinite"]) == 1 and int(metrics["nonfinite_update"]) == 1
+  for x, y in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(x, y)
+  writer = metric_writers.create_default_writer(str(tmp_path), just_logging=True)
+  with pytest.raises(loop.NonFiniteLossError, match="the update .* was NaN/Inf with a finite loss in 4"):
+    loop.run(objective, loop.Settings(num_steps=8, log_every=4, save_every=4),
+             workdir=str(tmp_path / "run"), mesh=exp.mesh, train_data=exp.train_data(), writer=writer)
+  assert ckpt_lib.manager(str(tmp_path / "run" / "checkpoints"), asynchronous=False).latest_step() is None
+
+
+@pytest.mark.parametrize("field, value", [("eps", 0.0), ("b1", 1.0), ("b2", 1.0), ("grad_clip", -1.0)])
+def test_optimizer_fields_that_make_nan_updates_are_refused(digits_config, field, value):
+  from jdistill.config import validate
+  from jdistill.errors import ConfigError
+  digits_config.optim[field] = value
+  with pytest.raises(ConfigError, match=f"config.optim.{field}"):
+    validate(digits_config, 1)

@@ -222,3 +222,51 @@ def test_lora_stage_exports_merged_full_weights(toy_teacher, tmp_path):
                                        exp.abstract_params())
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(student)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_early_stop_on_a_save_step_is_recorded_and_stays_stopped(tmp_path, digits_config):
+  """An early stop at a step that is also a save step: no second save of that step, the stop is
+  recorded, and a rerun does not train on."""
+  exp = setup.build(digits_config, str(tmp_path), evaluator=False)
+  objective = objective_for(exp, 100)
+  writer = metric_writers.create_default_writer(str(tmp_path), just_logging=True)
+  settings = loop.Settings(num_steps=40, log_every=2, save_every=2, eval_every=2,
+                           early_stopping_patience=1)
+  common = dict(workdir=str(tmp_path), mesh=exp.mesh, train_data=exp.train_data(), writer=writer,
+                best_metric="fd")
+  fds = iter([5.0, 6.0])
+  loop.run(objective, settings, evaluate=lambda params, step: ({"fd": next(fds)}, {}), **common)
+  meta = ckpt_lib.read_meta(str(tmp_path / "checkpoints"))
+  assert meta["step"] == 4 and meta["stopped_early"] and meta["best"] == 5.0
+  calls = []
+  loop.run(objective, settings, evaluate=lambda params, step: calls.append(step) or ({"fd": 0.0}, {}),
+           **common)
+  assert calls == []
+
+
+def test_resume_after_an_evaluation_on_a_save_step_matches_the_unbroken_run(tmp_path, digits_config):
+  """A save at a step with an evaluation holds that evaluation's best and count, so a run killed
+  after it counts evaluations like the unbroken run (and stops early at the same step)."""
+  exp = setup.build(digits_config, str(tmp_path), evaluator=False)
+  objective = objective_for(exp, 100)
+  writer = metric_writers.create_default_writer(str(tmp_path), just_logging=True)
+  settings = loop.Settings(num_steps=40, log_every=2, save_every=2, eval_every=2,
+                           early_stopping_patience=2)
+  scores = {2: 5.0, 4: 4.0, 6: 4.5, 8: 4.6, 10: 4.7}
+
+  def evaluate(params, step, crash_at=None):
+    if step == crash_at:
+      raise KeyboardInterrupt
+    return {"fd": scores[step]}, {}
+
+  def run(workdir, **kw):
+    return loop.run(objective, settings, workdir=workdir, mesh=exp.mesh, train_data=exp.train_data(),
+                    writer=writer, best_metric="fd", evaluate=lambda p, s: evaluate(p, s, **kw))
+  run(str(tmp_path / "unbroken"))
+  with pytest.raises(KeyboardInterrupt):
+    run(str(tmp_path / "resumed"), crash_at=6)      # killed after the save of step 4
+  run(str(tmp_path / "resumed"))
+  metas = [ckpt_lib.read_meta(str(tmp_path / d / "checkpoints")) for d in ("unbroken", "resumed")]
+  assert metas[0]["step"] == metas[1]["step"] == 8 and metas[0]["stopped_early"]
+  for key in ("best", "evals_since_best", "stopped_early"):
+    assert metas[0][key] == metas[1][key], key

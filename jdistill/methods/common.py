@@ -39,6 +39,8 @@ class BestKeeper:
     self.manager = ckpt_lib.manager(directory, max_to_keep=1, asynchronous=False)
 
   def __call__(self, state, scalars, step):
+    if step in self.manager.all_steps():      # a resumed run re-evaluating a step it had kept
+      self.manager.delete(step)
     ckpt_lib.save(self.manager, step, state, {"step": step, **scalars}, force=True)
     self.step, self.value = step, scalars[self.metric]
 

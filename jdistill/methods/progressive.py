@@ -19,7 +19,7 @@ from jdistill import config as config_lib
 from jdistill import curriculum as curriculum_lib
 from jdistill import files
 from jdistill.data import pipeline
-from jdistill.errors import ConfigError
+from jdistill.errors import ConfigError, check_choice
 from jdistill.eval.evaluate import image_grid, save_png
 from jdistill.methods import common
 from jdistill.models.lora import make_lora
@@ -71,7 +71,15 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   return config
 
 
+BEST_METRICS = ("fd", "val_loss")
+
+
 def validate(config):
+  p = config.progressive
+  check_choice("progressive.best_metric", p.best_metric, BEST_METRICS)
+  if p.best_metric == "val_loss" and not p.validation_examples:
+    raise ConfigError("config.progressive.best_metric='val_loss' needs "
+                      "progressive.validation_examples > 0")
   steps = step_schedule(config, config.teacher.sampling_steps)
   stage_train_steps(config, len(steps) - 1, 1)
   if not 0 <= config.progressive.start_stage < len(steps) - 1:

@@ -71,7 +71,9 @@ class DenoisingObjective(state_lib.OneNetworkObjective):
                                                            self.num_steps)
     metrics = {"loss": loss, **update_metrics}
     new_state = curriculum_lib.advance(self.curriculum, state, new_state, t, per_example, metrics)
-    new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)
+    new_state, guard = state_lib.keep_if_finite(new_state, state, loss,
+                                                (update_metrics["grad_norm"], new_state.params))
+    metrics.update(guard)
     return new_state, metrics
 
   def eval_params(self, state, frozen=None):

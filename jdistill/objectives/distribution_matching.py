@@ -403,5 +403,8 @@ class DistributionMatchingObjective(state_lib.Objective):
     metrics = dict(critic_metrics, **generator_metrics, critic_loss=critic_loss,
                    critic_grad_norm=critic_update["grad_norm"],
                    generator_updated=update_now.astype(jnp.float32))
-    new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, total)
+    new_state, guard = state_lib.keep_if_finite(
+        new_state, state, total, (critic_update["grad_norm"], generator_metrics["generator_grad_norm"],
+                                  generator.params, critic.params))
+    metrics.update(guard)
     return new_state, metrics

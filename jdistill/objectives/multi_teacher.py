@@ -87,7 +87,9 @@ class MultiTeacherObjective(state_lib.OneNetworkObjective):
     metrics = {"loss": loss, **update_metrics}
     for k, teacher_id in enumerate(self.teacher_ids):
       metrics[f"loss_{teacher_id}"] = jnp.mean(self.distance(x_hat, teacher_x[:, k], logsnr))
-    new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)
+    new_state, guard = state_lib.keep_if_finite(new_state, state, loss,
+                                                (update_metrics["grad_norm"], new_state.params))
+    metrics.update(guard)
     return new_state, metrics
 
   def eval_params(self, state, frozen=None):

@@ -153,7 +153,9 @@ class ProgressiveObjective(state_lib.Objective):
     position = s + 0.5 / stage.student_steps            # the middle of the student's step
     new_state = curriculum_lib.advance(self.curriculum, state, new_state, position, per_example,
                                        metrics)
-    new_state, metrics["nonfinite"] = state_lib.keep_if_finite(new_state, state, loss)
+    new_state, guard = state_lib.keep_if_finite(new_state, state, loss,
+                                                (update_metrics["grad_norm"], new_state.params))
+    metrics.update(guard)
     return new_state, metrics
 
   def validation_loss(self, params, teacher_params, batch, rng, stage):

@@ -143,14 +143,22 @@ def optimizer_update(state: TrainState, grads, optimizer, optim, total_steps, st
   return new_state, {"grad_norm": global_norm(grads), "lr": lr}
 
 
-def keep_if_finite(new_state, old_state, loss):
-  """`new_state` if `loss` is finite, else `old_state` (with the step count still advanced, so the
-  data and RNG stay aligned with an unbroken run). A NaN never reaches the params or a checkpoint."""
-  finite = jnp.isfinite(loss)
+def keep_if_finite(new_state, old_state, loss, update=()):
+  """`new_state` if `loss` and `update` are finite, else `old_state` (with the step count still
+  advanced, so the data and RNG stay aligned with an unbroken run): a NaN or Inf never reaches the
+  params or a checkpoint. `update` holds what the step wrote and how: the new params (the EMA and
+  Adam's moments are made from them and the gradients) and the gradient norms; it is checked by
+  one fused reduction, its global norm (a per-leaf check makes XLA's compile time explode).
+  Returns (state, flags): `nonfinite` (the step was skipped) and `nonfinite_update` (skipped with
+  a finite loss: the gradients or the optimizer's arithmetic went non-finite)."""
+  loss_finite = jnp.isfinite(loss)
+  update_finite = jnp.isfinite(global_norm(update))
+  finite = loss_finite & update_finite
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
   if hasattr(kept, "step"):
     kept = kept.replace(step=new_state.step)
-  return kept, jnp.logical_not(finite).astype(jnp.int32)
+  return kept, {"nonfinite": jnp.logical_not(finite).astype(jnp.int32),
+                "nonfinite_update": (loss_finite & ~update_finite).astype(jnp.int32)}
 
 
 def global_norm(tree):

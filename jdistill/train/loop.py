@@ -172,15 +172,17 @@ def run(objective: Objective, settings: Settings, *, workdir: str, mesh, train_d
                    "  ".join(f"{k}={v:.4g}" for k, v in summary.items()), rate, hms(eta))
       writer.write_scalars(global_step_offset + done,
                            {metric_prefix + k: v for k, v in summary.items()})
-    if save_every and done % save_every == 0 and done != num_steps:
-      checkpoint(done)
+    # evaluate first, so a checkpoint of the same step holds that evaluation's best and count
     if evaluate is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
       scalars, images = evaluate(objective.eval_params(state, frozen), done)
       last_eval = scalars
       writer.write_scalars(global_step_offset + done, {metric_prefix + k: v for k, v in scalars.items()})
       if images:
         writer.write_images(global_step_offset + done, {metric_prefix + k: v for k, v in images.items()})
-      if best_metric and scalars.get(best_metric, np.inf) < best:
+      if best_metric and best_metric not in scalars:
+        raise KeyError(f"best_metric {best_metric!r} is not among the evaluation's scalars "
+                       f"{sorted(scalars)}")
+      if best_metric and scalars[best_metric] < best:
         best, evals_since_best = scalars[best_metric], 0
         if on_best is not None:
           on_best(state, scalars, done)
@@ -191,6 +193,8 @@ def run(objective: Objective, settings: Settings, *, workdir: str, mesh, train_d
                      metric_prefix, done, best_metric, best, evals_since_best)
         checkpoint(done, force=True, stopped_early=True)
         break
+    if save_every and done % save_every == 0 and done != num_steps:
+      checkpoint(done)
   else:
     if start < num_steps:
       checkpoint(num_steps, force=True)
@@ -202,12 +206,19 @@ def run(objective: Objective, settings: Settings, *, workdir: str, mesh, train_d
 def _summarise(metrics_list, step):
   """Mean of each metric since the last log; raises if any step saw a non-finite loss."""
   stacked = jax.device_get(metrics_list)
-  nonfinite = int(sum(np.sum(m.get("nonfinite", 0)) for m in stacked))
-  if nonfinite:
+  count = lambda key: int(sum(np.sum(m.get(key, 0)) for m in stacked))
+  skipped, bad_updates = count("nonfinite"), count("nonfinite_update")
+  if skipped:
+    what = []
+    if skipped > bad_updates:
+      what.append(f"the loss was NaN/Inf in {skipped - bad_updates}")
+    if bad_updates:
+      what.append(f"the update (gradients, new params or optimizer state) was NaN/Inf with a "
+                  f"finite loss in {bad_updates}")
     raise NonFiniteLossError(
-        f"the loss was NaN/Inf in {nonfinite} of the last {len(stacked)} steps (up to step {step}); "
-        "those updates were skipped and the last checkpoint is intact. Lower config.optim.lr, "
-        "check the data, or enable config.optim.grad_clip.")
-  keys = [k for k in stacked[0] if k != "nonfinite"]
+        f"{' and '.join(what)} of the last {len(stacked)} steps (up to step {step}); those updates "
+        "were skipped and the last checkpoint is intact. Lower config.optim.lr, check the data and "
+        "config.optim.eps / b1 / b2, or enable config.optim.grad_clip.")
+  keys = [k for k in stacked[0] if k not in ("nonfinite", "nonfinite_update")]
   return {k: float(np.mean([m[k] for m in stacked])) for k in keys}
 
