@@ -79,7 +79,8 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
     name, res = {"mnist": ("mnist", 28), "cifar10": ("cifar10", 32),
                  "imagenet64": ("imagenet_resized/64x64", 64)}[preset]
     c.data.update(source="tfds", name=name, resolution=res if preset != "mnist" else 32,
-                  batch_size=128 if preset != "imagenet64" else 2048, flip=preset != "mnist")
+                  batch_size=128 if preset != "imagenet64" else 2048, flip=preset != "mnist",
+                  test_split="validation" if preset == "imagenet64" else "test")  # its held-out split
     c.model.update(channels=128 if preset != "mnist" else 64, channel_mult=(1, 2, 2, 2),
                    attention_resolutions=(16,), dropout=0.1 if preset == "cifar10" else 0.0,
                    num_res_blocks=3 if preset == "imagenet64" else 2, norm_groups=32,

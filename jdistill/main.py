@@ -15,6 +15,8 @@ from jdistill.train import setup
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/<method>.py[:preset]).")
 flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and summaries go.")
+flags.DEFINE_list("allow_config_changes", [], "Config fields (e.g. optim.lr,train.num_steps) a "
+                  "resumed run may change from the config it was trained with.")
 setup.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
@@ -35,7 +37,7 @@ def main(argv):
                          f"{sorted(methods.METHODS)}")
   logging.info("jdistill %s on %d %s device(s), %d process(es)", config.method, jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
-  methods.train(config, FLAGS.workdir)
+  methods.train(config, FLAGS.workdir, FLAGS.allow_config_changes)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_student_init_heaviest_teacher_average_or_random(teacher_cache):
   exp = setup.build(config, workdir, evaluator=False, record_config=False)
   ids, weights = mt_objective.teacher_weights(config.multi_teacher.teachers)   # a: 0.75, b: 0.25
   load = lambda i: teacher_lib.load_checkpoint(config.multi_teacher.teachers[i].checkpoint,
-                                               exp.abstract_params())
+                                               exp.abstract_params(), config)
   a, b = load("a"), load("b")
   init = lambda: multi_teacher.student_params(config, ids, weights, exp.abstract_params())
   config.multi_teacher.student_init = ""                              # '': the heaviest, a

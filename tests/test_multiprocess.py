@@ -56,13 +56,13 @@ def _free_port():
       return s.getsockname()[1]
 
 
-def _launch(workdir: Path, num_steps: int, log_dir: Path):
+def _launch(workdir: Path, num_steps: int, log_dir: Path, *flags):
   """Runs 2 processes via the launcher; returns (exit status, [process 0 log, process 1 log])."""
   env = dict(os.environ, NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", PORT=str(_free_port()),
              LOG_DIR=str(log_dir), PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("XLA_FLAGS", None)  # the launcher sets the per-process device count
   command = ["bash", str(LAUNCHER), *TINY, f"--workdir={workdir}",
-             f"--config.train.num_steps={num_steps}"]
+             f"--config.train.num_steps={num_steps}", *flags]
   proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
   try:
@@ -84,7 +84,8 @@ def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("multiprocess")
   out = {}
   out["first"] = _launch(base / "resume", 6, base / "logs_first")
-  out["resumed"] = _launch(base / "resume", 9, base / "logs_resumed")
+  out["resumed"] = _launch(base / "resume", 9, base / "logs_resumed",
+                           "--allow_config_changes=train.num_steps")
   out["unbroken"] = _launch(base / "unbroken", 9, base / "logs_unbroken")
   out["base"] = base
   return out

@@ -74,7 +74,8 @@ def train(exp, objective, settings: loop.Settings, *, workdir: str, train_data, 
       objective, settings, workdir=workdir, mesh=exp.mesh, train_data=train_data,
       writer=exp.writer, frozen=frozen, stage=stage, evaluate=evaluate, compiled=compiled,
       metric_prefix=metric_prefix, global_step_offset=global_step_offset, on_best=best,
-      best_metric=best_metric, meta=meta, initial_state=initial_state)
+      best_metric=best_metric, meta=dict(meta or {}, model_card=teachers.model_card(exp.config)),
+      initial_state=initial_state)
   best.wait()
   return Trained(state, last_eval, best, time.time() - start)
 

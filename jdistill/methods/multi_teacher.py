@@ -145,7 +145,7 @@ def build_teacher_cache(config, workdir: str, teacher_id: str):
   c = config.cache
   return cache_lib.build_teacher(
       cache_dir(config, workdir), teacher_id, denoiser=exp.denoiser,
-      params=teachers.load_checkpoint(checkpoint, exp.abstract_params()), schedule=exp.schedule,
+      params=teachers.load_checkpoint(checkpoint, exp.abstract_params(), config), schedule=exp.schedule,
       schedule_config=config.diffusion.schedule.to_dict(), buckets=c.buckets, base_seed=c.base_seed,
       noise_draws=c.noise_draws, checkpoint=checkpoint, dtype=c.dtype, batch_size=c.build_batch_size,
       skip_existing=c.skip_existing, mesh=exp.mesh)
@@ -166,7 +166,7 @@ def student_params(config, teacher_ids, weights, abstract_params):
   to none); a checkpoint path; or None for 'random'."""
   spec = config.multi_teacher.student_init
   checkpoints = {i: config.multi_teacher.teachers[i].checkpoint for i in teacher_ids}
-  load = lambda path: teachers.load_checkpoint(path, abstract_params)
+  load = lambda path: teachers.load_checkpoint(path, abstract_params, config)
   if spec == "random":
     return None
   if spec == "average":
@@ -221,7 +221,7 @@ def train(config, workdir: str):
   evaluated = {i: dict(weight=float(w), checkpoint=mt.teachers[i].checkpoint) for i, w in zip(ids, weights)}
   if mt.evaluate_teachers:     # every teacher at the student's step counts: the comparison
     for teacher_id in ids:
-      params = teachers.load_checkpoint(mt.teachers[teacher_id].checkpoint, exp.abstract_params())
+      params = teachers.load_checkpoint(mt.teachers[teacher_id].checkpoint, exp.abstract_params(), config)
       evaluated[teacher_id]["fd"] = {
           r["steps"]: exp.evaluator.evaluate(params, r["steps"], final=True)[0]["fd"] for r in rows}
       logging.info("Teacher %s: FD %s", teacher_id, evaluated[teacher_id]["fd"])

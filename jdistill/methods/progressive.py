@@ -6,6 +6,7 @@ end-of-run table (FD of the student and of DDIM with the teacher at the same ste
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import time
@@ -241,12 +242,13 @@ def stage_dir(workdir, k, n_student):
 
 
 def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, last_eval):
-  """Stage results (cached in <stage>/result.json so a resumed run does not recompute them);
-  `last_eval` holds the loop's end-of-stage evaluation of `student` unless the stage was already
-  trained before this invocation."""
+  """Stage results (cached in <stage>/result.json so a resumed run does not recompute them, unless
+  the run now evaluates differently); `last_eval` holds the loop's end-of-stage evaluation of
+  `student` unless the stage was already trained before this invocation."""
   path = os.path.join(directory, "result.json")
+  evaluated_with = json.loads(exp.config.eval.to_json())
   cached = files.read_json(path)
-  if cached is not None:
+  if cached is not None and cached.get("evaluated_with") == evaluated_with:
     return cached
   if not last_eval or not exp.evaluator.final_reuses_training_count:
     result, samples = exp.evaluator.evaluate(student, n_student, final=True)
@@ -257,7 +259,7 @@ def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_m
   save_png(image_grid(ddim_samples), os.path.join(directory, "ddim_teacher_samples.png"))
   ms = exp.evaluator.speed(last_eval["result"], student, n_student)
   row = dict(stage=k, steps=n_student, student_fd=float(student_fd), ddim_fd=ddim_result["fd"],
-             ms_per_sample=ms, speedup=teacher_ms / ms)
+             ms_per_sample=ms, speedup=teacher_ms / ms, evaluated_with=evaluated_with)
   exp.writer.write_scalars(k, {"summary/student_fd": row["student_fd"],
                                "summary/ddim_teacher_fd": row["ddim_fd"],
                                "summary/ms_per_sample": ms})

@@ -37,23 +37,60 @@ def bundled_teacher_path(config):
   return path
 
 
-def load_exported(path, abstract_params):
-  """EMA params from an exported .msgpack, checked against and placed like `abstract_params`."""
+def model_card(sections) -> dict:
+  """What a model's params mean beyond their shapes, from a config or an exported model's JSON
+  (both have `model` and `diffusion` sections): another config must share these to use them."""
+  schedule = sections["diffusion"]["schedule"]
+  return {"diffusion.parameterization": sections["diffusion"]["parameterization"],
+          "diffusion.schedule": dict(schedule.to_dict() if hasattr(schedule, "to_dict") else schedule),
+          "model.num_classes": sections["model"]["num_classes"]}
+
+
+def card_checker(config):
+  """check(card, what): a model whose card differs from `config`'s is an error naming the field
+  and both values; a model without a card (saved before cards existed) is used with a warning."""
+  mine = model_card(config)
+
+  def check(card, what):
+    if card is None:
+      logging.warning("%s says nothing of its parameterization, schedule or conditioning; "
+                      "assuming the config's", what)
+      return
+    for field, value in card.items():
+      if field in mine and mine[field] != value:
+        raise ckpt_lib.CheckpointError(
+            f"{what} is a model with {field}={value!r}, but config.{field}={mine[field]!r}: set "
+            "the config to the model's value, or use a model made with the config's")
+  return check
+
+
+def load_exported(path, abstract_params, check_card=None):
+  """EMA params from an exported .msgpack, checked against and placed like `abstract_params`;
+  `check_card` (from card_checker) checks its JSON's model card first."""
   if not epath.Path(path).exists():
     raise ckpt_lib.CheckpointError(f"teacher file {path!r} does not exist")
-  params = serialization.msgpack_restore(epath.Path(path).read_bytes())
+  if check_card is not None:
+    exported = read_export(path)
+    check_card(model_card(exported) if exported else None, f"{path}")
+  try:
+    params = serialization.msgpack_restore(epath.Path(path).read_bytes())
+  except Exception as e:  # noqa: BLE001 - msgpack raises several types for a damaged file
+    raise ckpt_lib.CheckpointError(f"{path} is not a readable .msgpack (cut short or damaged: "
+                                   f"{type(e).__name__}: {e}); export or copy it again") from e
   return ckpt_lib.place_like(params, abstract_params, f"teacher {path}")
 
 
-def load_checkpoint(path, abstract_params):
-  """EMA params from an exported .msgpack, or an Orbax run / checkpoints directory."""
+def load_checkpoint(path, abstract_params, config):
+  """EMA params from an exported .msgpack, or an Orbax run / checkpoints directory, of a model
+  that means the same as `config`'s (parameterization, schedule, conditioning)."""
+  check = card_checker(config)
   if path.endswith(".msgpack"):
     logging.info("Params: %s", path)
-    return load_exported(path, abstract_params)
+    return load_exported(path, abstract_params, check)
   logging.info("Params: EMA params of the Orbax checkpoint in %s", path)
   run_checkpoints = os.path.join(path, "checkpoints")
   return ckpt_lib.restore_params(
-      run_checkpoints if epath.Path(run_checkpoints).is_dir() else path, abstract_params)
+      run_checkpoints if epath.Path(run_checkpoints).is_dir() else path, abstract_params, card=check)
 
 
 def load_teacher(exp):
@@ -63,12 +100,12 @@ def load_teacher(exp):
   c = exp.config
   abstract = exp.abstract_params()
   if c.teacher.checkpoint:
-    return load_checkpoint(c.teacher.checkpoint, abstract)
+    return load_checkpoint(c.teacher.checkpoint, abstract, c)
   bundled = bundled_teacher_path(c)
   if bundled:
     logging.info("Teacher: the bundled teacher %s (reproduce with `python -m jdistill.main "
                  "--config=configs/teacher.py:%s --workdir=runs/teacher`)", bundled, c.preset)
-    return load_exported(bundled, abstract)
+    return load_exported(bundled, abstract, card_checker(c))
   raise ckpt_lib.CheckpointError(
       "no teacher: set config.teacher.checkpoint to a teacher run directory or .msgpack "
       "(train one with `python -m jdistill.main --config=configs/teacher.py:<preset> --workdir=...`)")
