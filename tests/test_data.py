@@ -1,5 +1,7 @@
 """Data sources (digits, toy2d, TFDS under mock_data, image folders) and the grain pipeline (CPU, fast)."""
+import contextlib
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from PIL import Image
 
 from jdistill.config import base_config
 from jdistill.data import pipeline, sources
+from jdistill.errors import ConfigError
 
 
 def take(iterator, n):
@@ -223,12 +226,25 @@ def test_all_examples(digits_test):
 
 # ----------------------------------------------------------------------------- TFDS (mocked)
 
+def refuse_downloads():
+  """Any TFDS download attempt fails the test (mock_data alone makes one a silent no-op)."""
+  import tensorflow_datasets as tfds
+  return mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare",
+                           side_effect=AssertionError("TFDS tried to download"))
+
+
+@contextlib.contextmanager
+def offline_mock_data(num_examples):
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=num_examples), refuse_downloads():
+    yield
+
+
 @pytest.mark.parametrize("preset,shape", [("cifar10", (32, 32, 3)), ("mnist", (32, 32, 1))])
 def test_tfds_mocked(preset, shape):
-  import tensorflow_datasets as tfds
   config = base_config(preset).data
   assert config.source == "tfds"
-  with tfds.testing.mock_data(num_examples=20):
+  with offline_mock_data(num_examples=20):
     for split in ("train", "test"):
       source = sources.load_split(config, split)
       assert len(source.records) == 20
@@ -248,10 +264,9 @@ def test_tfds_mocked(preset, shape):
 
 
 def test_tfds_mocked_native_resolution_and_varying_sizes():
-  import tensorflow_datasets as tfds
   config = base_config("mnist").data
   config.resolution = 0                       # keep MNIST's own 28x28
-  with tfds.testing.mock_data(num_examples=4):
+  with offline_mock_data(num_examples=4):
     source = sources.load_split(config, "train")
     assert tuple(source.data_shape) == (28, 28, 1)
     assert source.records[0]["x"].shape == (28, 28, 1)
@@ -263,6 +278,20 @@ def test_tfds_mocked_native_resolution_and_varying_sizes():
     config.resolution = 0
     with pytest.raises(ValueError, match=r"config\.data\.resolution"):
       sources.load_split(config, "train")
+
+
+def test_tfds_missing_dataset_names_data_dir_and_how_to_build_it(tmp_path):
+  """An unprepared dataset is never downloaded: a ConfigError says where it was looked for and the
+  command that prepares it, and nothing is written into data_dir."""
+  config = base_config("mnist").data
+  config.data_dir = str(tmp_path)
+  with refuse_downloads(), pytest.raises(ConfigError) as info:
+    sources.load_split(config, "test")
+  message = str(info.value)
+  assert message.startswith("config.data.data_dir: TFDS dataset config.data.name='mnist' is not "
+                            f"prepared in config.data.data_dir={str(tmp_path)!r} (searched {tmp_path}/mnist/")
+  assert message.endswith(f"`tfds build mnist --data_dir={tmp_path} --file_format=array_record`")
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_tfds_unknown_dataset():

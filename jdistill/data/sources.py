@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jdistill.errors import ConfigError
+
 TOY2D = ("checkerboard", "8gaussians", "moons", "swissroll")
 DIGITS_HELDOUT = 500          # fixed held-out split of scikit-learn's 1797 digits
 DIGITS_SPLIT_SEED = 0
@@ -72,16 +74,15 @@ def toy2d(name: str, split: str, num_examples: int = 50_000) -> Source:
     points, _ = make_swiss_roll(n, noise=0.3, random_state=seed)
     points = points[:, [0, 2]] / 12.0
   else:
-    raise ValueError(f"config.data.name: unknown toy2d distribution {name!r}; choose from {TOY2D}")
+    raise ConfigError(f"config.data.name: unknown toy2d distribution {name!r}; choose from {TOY2D}")
   return Source(ArraySource(points.astype(np.float32), np.zeros(n, np.int32)), (2,), 0)
 
 
 class TfdsImageSource:
-  """Random access over a TFDS split (tfds.data_source), images mapped to [-1, 1]."""
+  """Random access over a prepared TFDS split (tfds.data_source), images mapped to [-1, 1]."""
 
   def __init__(self, name, split, data_dir, resolution):
-    import tensorflow_datasets as tfds
-    self._records = tfds.data_source(name, split=split, data_dir=data_dir)
+    self._records = open_tfds_split(name, split, data_dir)
     self._resolution = resolution
 
   def __len__(self):
@@ -94,19 +95,37 @@ class TfdsImageSource:
             "label": np.int32(record.get("label", 0))}
 
 
+def open_tfds_split(name, split, data_dir):
+  """`tfds.data_source` of a dataset already prepared under `data_dir` (never downloads); a missing
+  one is a ConfigError naming the directory searched and the command that prepares it."""
+  import tensorflow_datasets as tfds
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # noqa: BLE001 - TFDS raises several types for data it cannot open
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+      raise
+    root = builder.data_dir_root
+    raise ConfigError(
+        f"config.data.data_dir: TFDS dataset config.data.name={name!r} is not prepared in "
+        f"config.data.data_dir={data_dir or ''!r} (searched {builder.data_dir}); jdistill never "
+        f"downloads data: prepare it with `tfds build {name} --data_dir={root} "
+        "--file_format=array_record`") from e
+
+
 def tfds_images(name, split, data_dir=None, resolution=None) -> Source:
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # DatasetNotFoundError and friends
-    raise ValueError(f"config.data.name: TFDS has no dataset {name!r} ({e})") from e
+    raise ConfigError(f"config.data.name: TFDS has no dataset {name!r} ({e})") from e
   features = builder.info.features
   shape = tuple(features["image"].shape)
   if resolution:
     shape = (resolution, resolution, shape[-1])
   elif None in shape[:2]:
-    raise ValueError(f"config.data.resolution: TFDS dataset {name!r} has images of varying size "
-                     f"{shape}; set a resolution to resize them to")
+    raise ConfigError(f"config.data.resolution: TFDS dataset {name!r} has images of varying size "
+                      f"{shape}; set a resolution to resize them to")
   num_classes = features["label"].num_classes if "label" in features else 0
   return Source(TfdsImageSource(name, split, data_dir, resolution), shape, num_classes)
 
@@ -139,14 +158,14 @@ def load_split(data_config, split: str) -> Source:
     return digits(split)
   if kind == "toy2d":
     return toy2d(data_config.name, split)
+  named_split = data_config.train_split if split == "train" else data_config.test_split
   if kind == "tfds":
-    tfds_split = data_config.train_split if split == "train" else data_config.test_split
-    return tfds_images(data_config.name, tfds_split, data_config.get("data_dir") or None,
+    return tfds_images(data_config.name, named_split, data_config.get("data_dir") or None,
                        data_config.get("resolution") or None)
   if kind == "image_folder":
     return image_folder(data_config.path, data_config.resolution)
-  raise ValueError(f"config.data.source: unknown source {kind!r}; "
-                   "choose digits, toy2d, tfds or image_folder")
+  raise ConfigError(f"config.data.source: unknown source {kind!r}; "
+                    "choose digits, toy2d, tfds or image_folder")
 
 
 def _check_split(split, allowed):
