@@ -16,6 +16,7 @@ from jdistill.errors import ConfigError
 TOY2D = ("checkerboard", "8gaussians", "moons", "swissroll")
 DIGITS_HELDOUT = 500          # fixed held-out split of scikit-learn's 1797 digits
 DIGITS_SPLIT_SEED = 0
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @dataclasses.dataclass
@@ -130,25 +131,54 @@ def tfds_images(name, split, data_dir=None, resolution=None) -> Source:
   return Source(TfdsImageSource(name, split, data_dir, resolution), shape, num_classes)
 
 
-def image_folder(path, resolution) -> Source:
-  """Images under `path` (subfolders are classes, sorted), resized to resolution x resolution RGB."""
+def image_folder(path, split, resolution, train_split="train") -> Source:
+  """Images under `path/<split>`, resized to resolution x resolution RGB.
+
+  Layout: `<split>/<class>/*.png` (class folders sorted; a test split's labels are the train
+  split's classes, so it may lack a class but not add one) or, with no class folders, flat
+  `<split>/*.png` (unconditional). The test split is its own folder, never the training images.
+  Hidden entries (a leading '.') and files that are not images are ignored; image files beside
+  class folders are an error (they would have no class).
+  """
   from PIL import Image
   if not os.path.isdir(path):
-    raise ValueError(f"config.data.path: {path!r} is not a directory")
+    raise ConfigError(f"config.data.path: {path!r} is not a directory")
   if not resolution or resolution < 1:
-    raise ValueError(f"config.data.resolution: image_folder needs a resolution > 0, got {resolution!r}")
-  classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-  files = []
-  for label, folder in enumerate(classes or [""]):
-    root = os.path.join(path, folder)
-    files += [(os.path.join(root, f), label) for f in sorted(os.listdir(root))
-              if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp"))]
+    raise ConfigError(f"config.data.resolution: image_folder needs a resolution > 0, got {resolution!r}")
+  for name in (train_split, split):
+    if not os.path.isdir(os.path.join(path, name)):
+      raise ConfigError(f"config.data.path: no {name!r} folder in {path!r}; image_folder reads each "
+                        "split (config.data.train_split, test_split) from its own folder: "
+                        f"{path}/{name}/<class>/*.png, or {path}/{name}/*.png without classes")
+  root = os.path.join(path, split)
+  classes = _folder_entries(os.path.join(path, train_split))[0]
+  folders, loose = _folder_entries(root)
+  if folders and loose:
+    raise ConfigError(f"config.data.path: image files beside the class folders of {root!r} have no "
+                      f"class: {loose[:5]}{' ...' if len(loose) > 5 else ''}; move them into a "
+                      "class folder")
+  if bool(folders) != bool(classes) or not set(folders) <= set(classes):
+    raise ConfigError(f"config.data.test_split: {root!r} has class folders {folders}, not among "
+                      f"the training split {train_split!r}'s {classes}")
+  if folders:
+    files = [(os.path.join(root, folder, f), classes.index(folder)) for folder in folders
+             for f in _folder_entries(os.path.join(root, folder))[1]]
+  else:
+    files = [(os.path.join(root, f), 0) for f in loose]
   if not files:
-    raise ValueError(f"config.data.path: no images found under {path!r}")
+    raise ConfigError(f"config.data.path: no images found under {root!r}")
   images = np.stack([_resize(np.asarray(Image.open(f).convert("RGB")), resolution) for f, _ in files])
   labels = np.array([label for _, label in files], np.int32)
   return Source(ArraySource(images.astype(np.float32) / 127.5 - 1.0, labels),
                 (resolution, resolution, 3), len(classes))
+
+
+def _folder_entries(folder):
+  """(sorted subfolder names, sorted image file names) in `folder`, hidden entries left out."""
+  names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+  return ([n for n in names if os.path.isdir(os.path.join(folder, n))],
+          [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)
+           and os.path.isfile(os.path.join(folder, n))])
 
 
 def load_split(data_config, split: str) -> Source:
@@ -163,7 +193,8 @@ def load_split(data_config, split: str) -> Source:
     return tfds_images(data_config.name, named_split, data_config.get("data_dir") or None,
                        data_config.get("resolution") or None)
   if kind == "image_folder":
-    return image_folder(data_config.path, data_config.resolution)
+    return image_folder(data_config.path, named_split, data_config.resolution,
+                        data_config.train_split)
   raise ConfigError(f"config.data.source: unknown source {kind!r}; "
                     "choose digits, toy2d, tfds or image_folder")
 
