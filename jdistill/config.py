@@ -126,8 +126,13 @@ def validate(config, num_devices: int):
           f"{config.optim[field]}")
   check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: off)")
   check(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-  check(config.data.batch_size > 0 and config.data.batch_size % num_devices == 0,
-        "data.batch_size", f"{config.data.batch_size} is not divisible by the {num_devices} devices")
+  check(0.0 <= config.optim.final_lr_fraction <= 1.0, "optim.final_lr_fraction",
+        f"must be in [0, 1], got {config.optim.final_lr_fraction}")
+  check(config.diffusion.schedule.num_train_timesteps >= 1, "diffusion.schedule.num_train_timesteps",
+        "must be >= 1")
+  check(config.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {config.data.batch_size}")
+  check(config.data.batch_size % num_devices == 0, "data.batch_size",
+        f"{config.data.batch_size} is not divisible by the {num_devices} devices")
   check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
   check(num_devices % config.mesh.fsdp == 0, "mesh.fsdp",
         f"{config.mesh.fsdp} does not divide the {num_devices} devices")
@@ -146,11 +151,23 @@ def validate(config, num_devices: int):
   check(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0: off)")
   check_choice("eval.features", config.eval.features, FEATURE_NETS)
   check(config.eval.num_samples >= 2, "eval.num_samples", "must be >= 2 (FD needs a covariance)")
+  check(config.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
+  for field in ("steps_during_training", "final_steps"):
+    steps = config.eval[field]
+    check(len(steps) > 0 and all(isinstance(n, int) and n >= 1 for n in steps), f"eval.{field}",
+          f"must be sampling step counts >= 1, at least one, got {tuple(steps)}")
+  check(config.teacher.sampling_steps >= 1, "teacher.sampling_steps",
+        f"must be >= 1, got {config.teacher.sampling_steps}")
   final_count = config.eval.get("final_num_samples", 0)
   check(final_count == 0 or final_count >= 2, "eval.final_num_samples",
         f"must be 0 (= eval.num_samples) or >= 2, got {final_count}")
   source = config.data.source
   check_choice("data.source", source, DATA_SOURCES)
+  check(config.data.resolution >= 0, "data.resolution", f"must be >= 0 (0: the dataset's own), got "
+        f"{config.data.resolution}")
+  if source in ("tfds", "image_folder"):
+    check(config.data.test_split != config.data.train_split, "data.test_split",
+          f"{config.data.test_split!r} is the training split; evaluation needs held-out data")
   if source == "tfds":
     check(bool(config.data.name), "data.name", "a TFDS dataset name is required (e.g. 'cifar10')")
     import tensorflow_datasets as tfds
@@ -160,6 +177,11 @@ def validate(config, num_devices: int):
       raise ConfigError(f"config.data.name: TFDS dataset {config.data.name!r} not found ({e})") from e
   if source == "image_folder":
     check(os.path.isdir(config.data.path), "data.path", f"{config.data.path!r} is not a directory")
+    for field in ("train_split", "test_split"):
+      folder = os.path.join(config.data.path, config.data[field])
+      check(os.path.isdir(folder), f"data.{field}", f"no folder {folder!r}; image_folder reads each "
+            "split from its own folder under data.path")
+    check(config.data.resolution > 0, "data.resolution", "image_folder needs a resolution > 0")
   if config.eval.features == "inception":
     check(os.path.isfile(config.eval.inception_weights), "eval.inception_weights",
           f"InceptionV3 FID weights file {config.eval.inception_weights!r} not found; "

@@ -33,15 +33,22 @@ from jdistill.train import setup, teachers
 flags.DEFINE_string("workdir", None, "A run directory (holds config.json).")
 flags.DEFINE_string("checkpoint", None, "An exported .msgpack, a checkpoints dir or a run dir "
                     "(default: the run's exported model).")
-flags.DEFINE_integer("num_steps", None, "Sampling steps (default: the exported model's).")
-flags.DEFINE_integer("num_samples", 100, "How many samples.")
+flags.DEFINE_integer("num_steps", None, "Sampling steps (default: the exported model's).",
+                     lower_bound=1)
+flags.DEFINE_integer("num_samples", 100, "How many samples.", lower_bound=1)
 flags.DEFINE_string("out", "samples.npz", "Output .npz path (a PNG grid is written next to it).")
-flags.DEFINE_integer("seed", 0, "Noise seed.")
+flags.DEFINE_integer("seed", 0, "Noise seed.", lower_bound=0)
 flags.DEFINE_enum("mode", None, ["ddim", "ancestral", "renoise"],
                   "Sampler: DDIM, DDPM ancestral, or re-noising (DMD2 generators). Default: the "
                   "exported model's, else the method's.")
 flags.DEFINE_bool("fd", False, "Also print the samples' FD against the held-out split (config.eval.features).")
-flags.DEFINE_integer("fd_repeats", 1, "With --fd: FD for this many noise seeds (--seed onwards), and their mean.")
+flags.DEFINE_integer("fd_repeats", 1, "With --fd: FD for this many noise seeds (--seed onwards), "
+                     "and their mean.", lower_bound=1)
+flags.register_validator("out", lambda out: out.endswith(".npz") and os.path.isdir(
+    os.path.dirname(os.path.abspath(out))), "--out must be a .npz file in an existing directory")
+flags.register_multi_flags_validator(
+    ["fd", "num_samples"], lambda f: not f["fd"] or f["num_samples"] >= 2,
+    "--fd needs --num_samples >= 2 (FD needs a covariance)")
 FLAGS = flags.FLAGS
 
 

@@ -60,6 +60,9 @@ def _mutations():
     c.data.batch_size = 126           # divisible by the 3 devices: only fsdp is wrong
     c.mesh.fsdp = 2
 
+  def tfds_tests_on_training_data(c):
+    c.data.update(source="tfds", name="mnist", test_split="train")
+
   return [
       ("diffusion.schedule.name", set_("diffusion.schedule.name", "sigmoidish"), 1),
       ("optim.lr", set_("optim.lr", -1e-3), 1),
@@ -80,6 +83,23 @@ def _mutations():
       ("data.path", lambda c: c.data.update(source="image_folder", path="/nonexistent/imgs"), 1),
       ("eval.num_samples", set_("eval.num_samples", 1), 1),
       ("eval.final_num_samples", set_("eval.final_num_samples", -5), 1),
+      ("eval.num_samples", set_("eval.num_samples", 0), 1),
+      ("eval.batch_size", set_("eval.batch_size", 0), 1),
+      ("eval.batch_size", set_("eval.batch_size", -4), 1),
+      ("eval.steps_during_training", set_("eval.steps_during_training", (8, 0)), 1),
+      ("eval.steps_during_training", set_("eval.steps_during_training", ()), 1),
+      ("eval.final_steps", set_("eval.final_steps", (4, -1)), 1),
+      ("eval.final_steps", set_("eval.final_steps", ()), 1),
+      ("teacher.sampling_steps", set_("teacher.sampling_steps", 0), 1),
+      ("data.batch_size", set_("data.batch_size", -8), 1),
+      ("data.resolution", set_("data.resolution", -8), 1),
+      ("data.test_split", tfds_tests_on_training_data, 1),
+      ("train.log_every", set_("train.log_every", 0), 1),
+      ("train.save_every", set_("train.save_every", -1), 1),
+      ("train.eval_every", set_("train.eval_every", -1), 1),
+      ("optim.final_lr_fraction", set_("optim.final_lr_fraction", -0.5), 1),
+      ("optim.final_lr_fraction", set_("optim.final_lr_fraction", 1.5), 1),
+      ("diffusion.schedule.num_train_timesteps", set_("diffusion.schedule.num_train_timesteps", 0), 1),
   ]
 
 
@@ -93,6 +113,24 @@ def test_invalid_field_is_named(field, mutate, num_devices):
     validate(config, num_devices)
   assert f"config.{field}" in str(info.value)
   assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("field,update", [
+    ("data.test_split", dict(test_split="missing")),
+    ("data.train_split", dict(train_split="all")),
+    ("data.test_split", dict(test_split="train")),
+    ("data.resolution", dict(resolution=0)),
+])
+def test_invalid_image_folder_field_is_named(tmp_path, field, update):
+  """Each split is its own folder under data.path, never the training one, checked up front."""
+  (tmp_path / "train").mkdir()
+  (tmp_path / "test").mkdir()
+  config = base_config("digits")
+  config.data.update(source="image_folder", path=str(tmp_path), resolution=8)
+  validate(config, 1)
+  config.data.update(**update)
+  with pytest.raises(ConfigError, match=f"^config.{field}: "):
+    validate(config, 1)
 
 
 def test_batch_divisible_by_devices():

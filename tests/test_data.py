@@ -1,5 +1,7 @@
 """Data sources (digits, toy2d, TFDS under mock_data, image folders) and the grain pipeline (CPU, fast)."""
+import contextlib
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from PIL import Image
 
 from jdistill.config import base_config
 from jdistill.data import pipeline, sources
+from jdistill.errors import ConfigError
 
 
 def take(iterator, n):
@@ -223,12 +226,25 @@ def test_all_examples(digits_test):
 
 # ----------------------------------------------------------------------------- TFDS (mocked)
 
+def refuse_downloads():
+  """Any TFDS download attempt fails the test (mock_data alone makes one a silent no-op)."""
+  import tensorflow_datasets as tfds
+  return mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare",
+                           side_effect=AssertionError("TFDS tried to download"))
+
+
+@contextlib.contextmanager
+def offline_mock_data(num_examples):
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=num_examples), refuse_downloads():
+    yield
+
+
 @pytest.mark.parametrize("preset,shape", [("cifar10", (32, 32, 3)), ("mnist", (32, 32, 1))])
 def test_tfds_mocked(preset, shape):
-  import tensorflow_datasets as tfds
   config = base_config(preset).data
   assert config.source == "tfds"
-  with tfds.testing.mock_data(num_examples=20):
+  with offline_mock_data(num_examples=20):
     for split in ("train", "test"):
       source = sources.load_split(config, split)
       assert len(source.records) == 20
@@ -248,10 +264,9 @@ def test_tfds_mocked(preset, shape):
 
 
 def test_tfds_mocked_native_resolution_and_varying_sizes():
-  import tensorflow_datasets as tfds
   config = base_config("mnist").data
   config.resolution = 0                       # keep MNIST's own 28x28
-  with tfds.testing.mock_data(num_examples=4):
+  with offline_mock_data(num_examples=4):
     source = sources.load_split(config, "train")
     assert tuple(source.data_shape) == (28, 28, 1)
     assert source.records[0]["x"].shape == (28, 28, 1)
@@ -265,6 +280,20 @@ def test_tfds_mocked_native_resolution_and_varying_sizes():
       sources.load_split(config, "train")
 
 
+def test_tfds_missing_dataset_names_data_dir_and_how_to_build_it(tmp_path):
+  """An unprepared dataset is never downloaded: a ConfigError says where it was looked for and the
+  command that prepares it, and nothing is written into data_dir."""
+  config = base_config("mnist").data
+  config.data_dir = str(tmp_path)
+  with refuse_downloads(), pytest.raises(ConfigError) as info:
+    sources.load_split(config, "test")
+  message = str(info.value)
+  assert message.startswith("config.data.data_dir: TFDS dataset config.data.name='mnist' is not "
+                            f"prepared in config.data.data_dir={str(tmp_path)!r} (searched {tmp_path}/mnist/")
+  assert message.endswith(f"`tfds build mnist --data_dir={tmp_path} --file_format=array_record`")
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_tfds_unknown_dataset():
   config = base_config("cifar10").data
   config.name = "no_such_dataset_xyz"
@@ -275,20 +304,30 @@ def test_tfds_unknown_dataset():
 # ----------------------------------------------------------------------------- image folders
 
 def write_image(path, size, color, mode="RGB"):
+  path.parent.mkdir(parents=True, exist_ok=True)
   Image.new(mode, size, color).save(path)
 
 
-def test_image_folder(tmp_path):
-  (tmp_path / "classB").mkdir()
-  (tmp_path / "classA").mkdir()
-  write_image(tmp_path / "classA" / "a0.png", (8, 8), (255, 0, 51))          # already 8x8: exact
-  write_image(tmp_path / "classA" / "a1.png", (20, 12), (0, 255, 0))
-  (tmp_path / "classA" / "notes.txt").write_text("ignored")
-  write_image(tmp_path / "classB" / "b0.png", (16, 16), 200, mode="L")       # grayscale -> RGB
-  write_image(tmp_path / "classB" / "b1.PNG", (5, 9), (10, 20, 30, 255), mode="RGBA")
+def image_folder_config(path, resolution=8):
   config = base_config("digits").data
-  config.update(source="image_folder", path=str(tmp_path), resolution=8)
-  source = sources.load_split(config, "train")
+  config.update(source="image_folder", path=str(path), resolution=resolution)
+  return config
+
+
+def red_values(source):
+  """Each image's red channel back in 0..255: the test images are single colours told apart by it."""
+  return np.round((source.records.x[:, 0, 0, 0] + 1.0) * 127.5).astype(int).tolist()
+
+
+def test_image_folder(tmp_path):
+  train = tmp_path / "train"
+  write_image(train / "classA" / "a0.png", (8, 8), (255, 0, 51))          # already 8x8: exact
+  write_image(train / "classA" / "a1.png", (20, 12), (0, 255, 0))
+  (train / "classA" / "notes.txt").write_text("ignored")
+  write_image(train / "classB" / "b0.png", (16, 16), 200, mode="L")       # grayscale -> RGB
+  write_image(train / "classB" / "b1.PNG", (5, 9), (10, 20, 30, 255), mode="RGBA")
+  write_image(tmp_path / "test" / "classA" / "t0.png", (8, 8), (1, 1, 1))
+  source = sources.load_split(image_folder_config(tmp_path), "train")
   assert len(source.records) == 4
   assert tuple(source.data_shape) == (8, 8, 3)
   assert source.num_classes == 2
@@ -306,21 +345,96 @@ def test_image_folder(tmp_path):
   assert batch["x"].shape == (2, 8, 8, 3)
 
 
+def test_image_folder_test_split_is_its_own_folder(tmp_path):
+  """train/ and test/ (config.data.train_split, test_split) are read apart: the test split holds
+  exactly its own images, none of the training ones, labelled with the training split's classes."""
+  for red in (10, 11, 12):
+    write_image(tmp_path / "train" / "cat" / f"{red}.png", (8, 8), (red, 0, 0))
+  for red in (20, 21):
+    write_image(tmp_path / "train" / "dog" / f"{red}.png", (8, 8), (red, 0, 0))
+  write_image(tmp_path / "train" / "emu" / "30.png", (8, 8), (30, 0, 0))
+  for red in (40, 41):                                    # no 'dog' test images: labels still align
+    write_image(tmp_path / "test" / "emu" / f"{red}.png", (8, 8), (red, 0, 0))
+  write_image(tmp_path / "test" / "cat" / "50.png", (8, 8), (50, 0, 0))
+  config = image_folder_config(tmp_path)
+  train, test = sources.load_split(config, "train"), sources.load_split(config, "test")
+  assert red_values(train) == [10, 11, 12, 20, 21, 30]
+  assert train.records.label.tolist() == [0, 0, 0, 1, 1, 2]
+  assert red_values(test) == [50, 40, 41]
+  assert test.records.label.tolist() == [0, 2, 2]         # cat=0, emu=2 as in training
+  assert train.num_classes == test.num_classes == 3
+  assert not set(red_values(train)) & set(red_values(test))
+  config.update(train_split="all", test_split="heldout")  # other folder names
+  (tmp_path / "train").rename(tmp_path / "all")
+  (tmp_path / "test").rename(tmp_path / "heldout")
+  assert red_values(sources.load_split(config, "test")) == [50, 40, 41]
+  assert red_values(sources.load_split(config, "train")) == [10, 11, 12, 20, 21, 30]
+
+
+def test_image_folder_ignores_hidden_entries(tmp_path):
+  write_image(tmp_path / "train" / "cat" / "1.png", (8, 8), (1, 0, 0))
+  write_image(tmp_path / "train" / "cat" / ".2.png", (8, 8), (2, 0, 0))       # hidden file
+  write_image(tmp_path / "train" / ".thumbnails" / "3.png", (8, 8), (3, 0, 0))  # hidden folder
+  write_image(tmp_path / "train" / "dog" / "4.png", (8, 8), (4, 0, 0))
+  (tmp_path / "train" / ".DS_Store").write_bytes(b"\0")
+  write_image(tmp_path / "test" / ".cache" / "5.png", (8, 8), (5, 0, 0))
+  write_image(tmp_path / "test" / "dog" / "6.png", (8, 8), (6, 0, 0))
+  config = image_folder_config(tmp_path)
+  train = sources.load_split(config, "train")
+  assert train.num_classes == 2
+  assert red_values(train) == [1, 4] and train.records.label.tolist() == [0, 1]
+  test = sources.load_split(config, "test")
+  assert red_values(test) == [6] and test.records.label.tolist() == [1]
+
+
+def test_image_folder_flat_split_is_unconditional(tmp_path):
+  for red in (1, 2, 3):
+    write_image(tmp_path / "train" / f"{red}.png", (8, 8), (red, 0, 0))
+  write_image(tmp_path / "test" / "9.bmp", (8, 8), (9, 0, 0))
+  (tmp_path / "train" / "LICENSE.txt").write_text("not an image")
+  config = image_folder_config(tmp_path)
+  train, test = sources.load_split(config, "train"), sources.load_split(config, "test")
+  assert train.num_classes == test.num_classes == 0
+  assert red_values(train) == [1, 2, 3] and train.records.label.tolist() == [0, 0, 0]
+  assert red_values(test) == [9]
+
+
+def test_image_folder_loose_images_beside_class_folders_are_an_error(tmp_path):
+  write_image(tmp_path / "train" / "cat" / "1.png", (8, 8), (1, 0, 0))
+  write_image(tmp_path / "train" / "stray.png", (8, 8), (2, 0, 0))
+  write_image(tmp_path / "train" / "other.JPG", (8, 8), (3, 0, 0))
+  write_image(tmp_path / "test" / "cat" / "4.png", (8, 8), (4, 0, 0))
+  with pytest.raises(ConfigError) as info:
+    sources.load_split(image_folder_config(tmp_path), "train")
+  message = str(info.value)
+  assert message.startswith("config.data.path: image files beside the class folders of "
+                            f"{str(tmp_path / 'train')!r} have no class: ['other.JPG', 'stray.png']")
+
+
 def test_image_folder_errors(tmp_path):
-  config = base_config("digits").data
-  config.update(source="image_folder", path=str(tmp_path / "missing"), resolution=8)
-  with pytest.raises(ValueError, match=r"config\.data\.path"):
+  config = image_folder_config(tmp_path / "missing")
+  with pytest.raises(ConfigError, match=r"config\.data\.path"):
     sources.load_split(config, "train")
-  empty = tmp_path / "empty"
-  empty.mkdir()
-  config.path = str(empty)
-  with pytest.raises(ValueError, match=r"config\.data\.path"):
+  config.path = str(tmp_path)
+  write_image(tmp_path / "cat" / "a.png", (8, 8), (1, 2, 3))        # class folders, no split folders
+  with pytest.raises(ConfigError, match=r"config\.data\.path: no 'train' folder in .*/train/<class>/\*\.png"):
     sources.load_split(config, "train")
-  (empty / "classA").mkdir()                              # class folders but no images
-  (empty / "classA" / "readme.md").write_text("no images here")
-  with pytest.raises(ValueError, match=r"config\.data\.path"):
-    sources.load_split(config, "train")
-  write_image(empty / "classA" / "a.png", (8, 8), (1, 2, 3))
+  (tmp_path / "cat").rename(tmp_path / "train")
+  (tmp_path / "train" / "cat").mkdir()
+  (tmp_path / "train" / "a.png").rename(tmp_path / "train" / "cat" / "a.png")
+  assert len(sources.load_split(config, "train").records) == 1
+  with pytest.raises(ConfigError, match=r"config\.data\.path: no 'test' folder"):
+    sources.load_split(config, "test")                    # never the training images instead
+  write_image(tmp_path / "test" / "cow" / "b.png", (8, 8), (1, 2, 3))
+  with pytest.raises(ConfigError, match=r"config\.data\.test_split: .* has class folders \['cow'\], "
+                     r"not among the training split 'train''s \['cat'\]"):
+    sources.load_split(config, "test")
+  (tmp_path / "test" / "cow").rename(tmp_path / "test" / "cat")
+  (tmp_path / "test" / "cat" / "b.png").unlink()
+  (tmp_path / "test" / "cat" / "readme.md").write_text("no images here")
+  with pytest.raises(ConfigError, match=r"config\.data\.path: no images found under"):
+    sources.load_split(config, "test")
+  write_image(tmp_path / "test" / "cat" / "b.png", (8, 8), (1, 2, 3))
   config.resolution = 0
-  with pytest.raises(ValueError, match=r"config\.data\.resolution"):
+  with pytest.raises(ConfigError, match=r"config\.data\.resolution"):
     sources.load_split(config, "train")

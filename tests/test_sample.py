@@ -80,6 +80,27 @@ def test_an_exported_model_samples_alone_without_its_run(tiny_teacher_run, tmp_p
   assert missing.returncode != 0 and "none.json next to it" in missing.stderr
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--num_steps=0"], "flag --num_steps=0: 0 is not a positive integer"),
+    (["--num_steps=-4"], "flag --num_steps=-4: -4 is not a positive integer"),
+    (["--num_samples=0"], "flag --num_samples=0: 0 is not a positive integer"),
+    (["--fd", "--fd_repeats=0"], "flag --fd_repeats=0: 0 is not a positive integer"),
+    (["--seed=-1"], "flag --seed=-1: -1 is not a non-negative integer"),
+    (["--fd", "--num_samples=1"], "--fd needs --num_samples >= 2"),
+    (["--out={tmp}/missing/s.npz"], "--out must be a .npz file in an existing directory"),
+    (["--out={tmp}/s.png"], "--out must be a .npz file in an existing directory"),
+])
+def test_sample_cli_refuses_nonsensical_flags_before_any_compute(tmp_path, flags, message):
+  """Refused at flag parsing, before anything loads or samples: a non-zero exit, no output."""
+  result = subprocess.run(
+      [sys.executable, "-m", "jdistill.sample", f"--checkpoint={teacher_lib.BUNDLED_DIGITS_TEACHER}",
+       f"--out={tmp_path}/s.npz", *(f.format(tmp=tmp_path) for f in flags)],
+      env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_exported_teacher_equals_checkpoint_ema(tiny_teacher_run):
   config, workdir, params = tiny_teacher_run
   exp = setup.build(config, workdir + "_check", evaluator=False)
