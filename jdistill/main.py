@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdistill import methods
+from jdistill import lock, methods
 from jdistill.train import setup
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/<method>.py[:preset]).")
@@ -33,9 +33,11 @@ def main(argv):
   if config.method not in methods.METHODS:
     raise app.UsageError(f"config.method: unknown method {config.method!r}; choose one of "
                          f"{sorted(methods.METHODS)}")
+  methods.validate(config, jax.device_count())
   logging.info("jdistill %s on %d %s device(s), %d process(es)", config.method, jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
-  methods.train(config, FLAGS.workdir)
+  with lock.hold(FLAGS.workdir):
+    methods.get(config.method).train(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
