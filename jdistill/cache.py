@@ -11,10 +11,13 @@ devices; with `--distributed` every process writes its own shards. A rerun resum
 """
 from __future__ import annotations
 
+import os
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jdistill import lock
 from jdistill.data import cache as cache_lib
 from jdistill.methods import multi_teacher
 from jdistill.train import setup
@@ -57,15 +60,18 @@ def main(argv):
     raise app.UsageError("--config: not a multi-teacher config (no config.cache); "
                          "use configs/multi_teacher.py")
   multi_teacher.validate(config)
+  if command == "build-teacher" and FLAGS.teacher not in config.multi_teacher.teachers:
+    raise app.UsageError(f"build-teacher needs --teacher=<id>, one of "
+                         f"{sorted(config.multi_teacher.teachers)}")
   logging.info("jdistill.cache %s on %d %s device(s), %d process(es)", command, jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
+  directory = multi_teacher.cache_dir(config, FLAGS.workdir)
   if command == "build-latents":
-    multi_teacher.build_latents_cache(config, FLAGS.workdir)
+    with lock.hold(os.path.join(directory, cache_lib.LATENTS), "latent cache"):
+      multi_teacher.build_latents_cache(config, FLAGS.workdir)
   else:
-    if FLAGS.teacher not in config.multi_teacher.teachers:
-      raise app.UsageError(f"build-teacher needs --teacher=<id>, one of "
-                           f"{sorted(config.multi_teacher.teachers)}")
-    multi_teacher.build_teacher_cache(config, FLAGS.workdir, FLAGS.teacher)
+    with lock.hold(cache_lib.teacher_dir(directory, FLAGS.teacher), f"cache of teacher {FLAGS.teacher!r}"):
+      multi_teacher.build_teacher_cache(config, FLAGS.workdir, FLAGS.teacher)
   return 0
 
 

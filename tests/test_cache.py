@@ -3,7 +3,9 @@ unbroken (bytes), verify finds truncated / NaN / missing records (CLI exits non-
 buckets never mix and must match between build and train, an 8-device build == a 1-device build."""
 import glob
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,6 +177,61 @@ def test_verify_finds_a_missing_teacher_shard_and_cache(teacher_cache, tmp_path)
   problems = cache_lib.verify(cache, ["a", "b"])
   assert any(p.startswith(missing) and "missing" in p for p in problems)
   assert any("teacher 'b'" in p for p in problems)
+
+
+def test_verify_names_every_unreadable_record_and_goes_on(teacher_cache, tmp_path):
+  config, workdir = copy_workdir(teacher_cache, tmp_path)
+  cache = os.path.join(workdir, "cache")
+  truncated = os.path.join(cache_lib.teacher_dir(cache, "a"), SHARD)
+  with open(truncated, "r+b") as f:
+    f.truncate(100)
+  garbled = os.path.join(cache_lib.teacher_dir(cache, "b"), SHARD)
+  with open(garbled, "r+b") as f:
+    for offset in (100, 20000, 150000):                    # inside records 0, ~30 and ~230
+      f.seek(offset)
+      f.write(bytes(40))
+  reader = ArrayRecordReader(garbled, cache_lib.READER_OPTIONS)
+  unreadable = []
+  for j in range(2 * 256):
+    try:
+      reader.read([j])
+    except RuntimeError:
+      unreadable.append(j)
+  reader.close()
+  assert len(unreadable) == 3, unreadable
+
+  problems = cache_lib.verify(cache)
+  assert len(problems) == 4, problems
+  assert any(p.startswith(f"{truncated}: has 0 records") for p in problems)
+  assert [p.split(" (")[0] for p in problems if p.startswith(garbled)] == [
+      f"{garbled}: record {j}: unreadable" for j in unreadable]
+
+
+def _craft_manifest(cache, shard_path):
+  path = os.path.join(cache, "latents", cache_lib.MANIFEST)
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest["shards"][0]["path"] = shard_path
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  return path
+
+
+def test_a_manifest_cannot_point_outside_its_cache(teacher_cache, tmp_path):
+  config, workdir = copy_workdir(teacher_cache, tmp_path, teachers=())
+  cache = os.path.join(workdir, "cache")
+  os.symlink(str(tmp_path), os.path.join(cache, "latents", "out"))
+  for shard_path in ("../../../escaped.array_record", str(tmp_path / "escaped.array_record"),
+                     "out/escaped.array_record"):
+    manifest = _craft_manifest(cache, shard_path)
+    message = f"{manifest}: shard path {shard_path!r} is not a relative path inside"
+    assert [p for p in cache_lib.verify(cache) if p.startswith(message)] == cache_lib.verify(cache) != []
+    with pytest.raises(cache_lib.CacheError, match=re.escape(message)):
+      multi_teacher.build_teacher_cache(config, workdir, "a")
+    with pytest.raises(cache_lib.CacheError, match=re.escape(message)):
+      multi_teacher.open_caches(config, workdir, ("a",))
+    assert not glob.glob(str(tmp_path / "**" / "escaped*"), recursive=True)
+    assert not os.path.exists(cache_lib.teacher_dir(cache, "a"))
 
 
 # ----------------------------------------------------------------------------- resolution buckets

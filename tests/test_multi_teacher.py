@@ -3,6 +3,7 @@ computation, training on the caches lowers every per-teacher loss (and ends with
 result.json), a corrupt or missing cache record stops training naming the file."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -159,3 +160,37 @@ def test_a_corrupt_record_stops_training_naming_the_file(teacher_cache, tmp_path
   os.remove(missing)
   with pytest.raises(cache_lib.CacheError, match=f"{missing}: missing shard"):
     methods.train(config, str(tmp_path / "student2"))
+
+
+def test_a_repointed_or_replaced_teacher_is_refused_before_training(teacher_cache, tmp_path):
+  config = _student_config(teacher_cache, os.path.join(teacher_cache[1], "cache"))
+  moved = str(tmp_path / "b_moved.msgpack")             # the same bytes elsewhere: the same teacher
+  shutil.copy(config.multi_teacher.teachers.b.checkpoint, moved)
+  built_from = config.multi_teacher.teachers.b.checkpoint
+  config.multi_teacher.teachers.b.checkpoint = moved
+  multi_teacher.open_caches(config, teacher_cache[1], ("a", "b"))
+  with open(moved, "wb") as f:                           # replaced by another teacher
+    f.write(serialization.to_bytes(tiny_teacher_params(config, 7)))
+  directory = cache_lib.teacher_dir(os.path.join(teacher_cache[1], "cache"), "b")
+  message = (rf"config\.multi_teacher\.teachers\.b\.checkpoint='{moved}' \(sha256 [0-9a-f]{{16}}\) but "
+             rf"{directory} holds the predictions of '{built_from}' \(sha256 [0-9a-f]{{16}}\): rebuild it "
+             r"with `python -m jdistill.cache build-teacher --teacher=b --config.cache.skip_existing=False`")
+  with pytest.raises(cache_lib.CacheError, match=message):
+    multi_teacher.open_caches(config, teacher_cache[1], ("a", "b"))
+  workdir = str(tmp_path / "student")
+  with pytest.raises(cache_lib.CacheError, match=message):
+    methods.train(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+  _, copy = copy_workdir(teacher_cache, tmp_path, teachers=("a", "b"))   # a cache that records no
+  manifest_path = os.path.join(cache_lib.teacher_dir(os.path.join(copy, "cache"), "b"), "manifest.json")
+  with open(manifest_path) as f:                         # digest: the path decides
+    manifest = json.load(f)
+  del manifest["checkpoint_sha256"]
+  with open(manifest_path, "w") as f:
+    json.dump(manifest, f)
+  config.cache.dir = os.path.join(copy, "cache")
+  with pytest.raises(cache_lib.CacheError, match=rf"checkpoint='{moved}' but .* '{built_from}':"):
+    multi_teacher.open_caches(config, copy, ("a", "b"))
+  config.multi_teacher.teachers.b.checkpoint = built_from
+  multi_teacher.open_caches(config, copy, ("a", "b"))

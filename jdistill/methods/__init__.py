@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 
 from jdistill import config as config_lib
-from jdistill import resume
+from jdistill import lock, resume
 from jdistill.errors import ConfigError
 from jdistill.methods import common, distribution_matching, multi_teacher, progressive, teacher
 
@@ -40,9 +40,10 @@ def validate(config, num_devices: int):
 
 
 def train(config, workdir: str, allow_config_changes=()):
-  """Validates `config` (and, resuming `workdir`, that it is the run's config but for fields that
-  may change and the `allow_config_changes` names), then trains its method into `workdir`;
-  returns what the method returns (the final params)."""
+  """Validates `config`, takes `workdir`'s lock (one writer per run), checks that a resumed run
+  keeps its config (but for fields that may change and the `allow_config_changes` names), then
+  trains the method into `workdir`; returns what the method returns (the final params)."""
   validate(config, jax.device_count())
-  resume.check_config(config, workdir, allow_config_changes)
-  return get(config.method).train(config, workdir)
+  with lock.hold(workdir):
+    resume.check_config(config, workdir, allow_config_changes)
+    return get(config.method).train(config, workdir)

@@ -152,11 +152,13 @@ def build_teacher_cache(config, workdir: str, teacher_id: str):
 
 
 def open_caches(config, workdir, teacher_ids):
-  """The checked caches of `teacher_ids`, built with this config's buckets, seeds, draws, dtype."""
+  """The checked caches of `teacher_ids`, built with this config's buckets, seeds, draws, dtype and
+  teacher checkpoints."""
   c = config.cache
   return cache_lib.open_training_caches(
       cache_dir(config, workdir), teacher_ids, buckets=c.buckets, base_seed=c.base_seed,
-      noise_draws=c.noise_draws, schedule_config=config.diffusion.schedule.to_dict(), dtype=c.dtype)
+      noise_draws=c.noise_draws, schedule_config=config.diffusion.schedule.to_dict(), dtype=c.dtype,
+      checkpoints={i: config.multi_teacher.teachers[i].checkpoint for i in teacher_ids})
 
 
 def student_params(config, teacher_ids, weights, abstract_params):
@@ -180,10 +182,10 @@ def sampling_mode(config) -> str:
 
 
 def train(config, workdir: str):
-  exp = setup.build(config, workdir)
   mt = config.multi_teacher
   ids, weights = teacher_weights(mt.teachers)
   caches = open_caches(config, workdir, ids)
+  exp = setup.build(config, workdir)
   if caches.latents["encoder"] != "identity" or any(
       shape[-1] != exp.data_shape[-1] for shape in caches.latents["latent_shapes"].values()):
     raise cache_lib.CacheError(

@@ -14,14 +14,13 @@ import numpy as np
 from absl import logging
 from array_record.python.array_record_module import ArrayRecordReader
 
-from jdistill import partitioning
+from jdistill import files, partitioning
 from jdistill.data.cache.format import (LATENTS, READER_OPTIONS, VERSION, CacheError, ShardReader,
                                         _draw_fn, _write_or_check_manifest, bucket_name,
                                         check_buckets, decode_record, derive_seed, encode_record,
                                         fingerprint, nearest_bucket, parse_buckets, read_manifest,
                                         sample_id, teacher_dir, write_shard)
 from jdistill.diffusion.parameterization import forward_process
-from jdistill.files import hms
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -96,7 +95,7 @@ def _report(what, done_shards, num_shards, done, total, start, skipped):
   rate = done / max(time.time() - start, 1e-9)
   logging.info("%s: shard %d/%d%s  %d/%d records  %.0f records/s  ETA %s", what, done_shards,
                num_shards, " (exists, skipped)" if skipped else "", done, total, rate,
-               hms((total - done) / max(rate, 1e-9)))
+               files.hms((total - done) / max(rate, 1e-9)))
 
 
 def _build_shards(what, directory, shards, make_records, skip_existing):
@@ -200,7 +199,8 @@ def build_teacher(cache_dir: str, teacher_id: str, *, denoiser, params, schedule
   """Caches one teacher's predictions for `noise_draws` (t, eps) draws of every latent: teacher
   shard k mirrors latent shard k, record j <-> latent record j // noise_draws, draw j % noise_draws.
   Stored in the latents' dtype (`dtype`, if given, must be it). `params` must be placed on `mesh`
-  (replicated or FSDP). Returns the manifest."""
+  (replicated or FSDP). The manifest records `checkpoint` and its SHA-256, so training on another
+  teacher is caught. Returns the manifest."""
   latent_directory = os.path.join(cache_dir, LATENTS)
   latents = read_manifest(latent_directory, "latent cache",
                           "build it first with `python -m jdistill.cache build-latents`")
@@ -213,6 +213,7 @@ def build_teacher(cache_dir: str, teacher_id: str, *, denoiser, params, schedule
   mesh = mesh or partitioning.local_mesh()
   manifest = _write_or_check_manifest(directory, dict(
       format="jdistill.teacher", version=VERSION, teacher=teacher_id, checkpoint=str(checkpoint),
+      checkpoint_sha256=files.sha256(checkpoint) if checkpoint else "",
       prediction="v", parameterization=denoiser.parameterization,
       schedule=dict(schedule_config or {"name": schedule.name}), dtype=dtype, base_seed=base_seed,
       noise_draws=noise_draws, buckets=latents["buckets"], latents=fingerprint(latent_directory),

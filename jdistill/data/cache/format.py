@@ -118,11 +118,23 @@ class ShardReader:
       return reader
 
   def read(self, path: str, index: int, expected: int) -> dict:
-    data = self.open(path, expected).read([index])[0]
-    return decode_record(data, f"{path}: record {index}")
+    return decode_record(self.read_bytes(path, index, expected), f"{path}: record {index}")
+
+  def read_bytes(self, path: str, index: int, expected: int) -> bytes:
+    """Record `index` undecoded; a corrupt one is a CacheError naming the file and record."""
+    reader = self.open(path, expected)
+    try:
+      return reader.read([index])[0]
+    except Exception as e:  # noqa: BLE001 - riegeli raises RuntimeError, others on odd damage
+      raise CacheError(f"{path}: record {index}: unreadable ({e}); rebuild the shard") from e
 
   def read_raw(self, path: str, expected: int) -> list:
-    return self.open(path, expected).read(0, expected)
+    """Every record undecoded; a corrupt one is a CacheError (`read_bytes` names which)."""
+    reader = self.open(path, expected)
+    try:
+      return reader.read(0, expected)
+    except Exception as e:  # noqa: BLE001
+      raise CacheError(f"{path}: unreadable records ({e}); rebuild the shard") from e
 
   def close(self):
     with self._lock:
@@ -134,10 +146,29 @@ class ShardReader:
 # ----------------------------------------------------------------------------- manifests, buckets
 
 def read_manifest(directory: str, what: str, hint: str = "") -> dict:
-  manifest = files.read_json(os.path.join(directory, MANIFEST))
+  """The manifest in `directory`, its shard paths checked to stay inside `directory`."""
+  path = os.path.join(directory, MANIFEST)
+  try:
+    manifest = files.read_json(path)
+  except ValueError as e:
+    raise CacheError(f"{path}: unreadable manifest ({e}); rebuild the cache") from e
   if manifest is None:
     raise CacheError(f"no {what} in {directory} (no {MANIFEST}){': ' + hint if hint else ''}")
+  for shard in manifest.get("shards", []):
+    _check_shard_path(directory, path, shard.get("path") if isinstance(shard, dict) else shard)
   return manifest
+
+
+def _check_shard_path(directory: str, manifest_path: str, shard_path):
+  """A shard path is relative, without '..', and resolves inside the manifest's directory."""
+  inside = (isinstance(shard_path, str) and shard_path and not os.path.isabs(shard_path)
+            and ".." not in shard_path.split("/"))
+  if inside:
+    root = os.path.realpath(directory)
+    inside = os.path.commonpath([root, os.path.realpath(os.path.join(root, shard_path))]) == root
+  if not inside:
+    raise CacheError(f"{manifest_path}: shard path {shard_path!r} is not a relative path inside "
+                     f"{directory} (absolute, '..' or a link out); rebuild the cache")
 
 
 def fingerprint(directory: str) -> str:

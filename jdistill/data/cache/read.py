@@ -9,7 +9,10 @@ from typing import Optional
 
 import grain
 import numpy as np
+from absl import logging
+from etils import epath
 
+from jdistill import files
 from jdistill.data import pipeline, sources
 from jdistill.data.cache.format import (LATENTS, CacheError, ShardReader, bucket_name, check_buckets,
                                         derive_seed, fingerprint, read_manifest, sample_id,
@@ -34,9 +37,11 @@ class TrainingCaches:
 
 
 def open_training_caches(cache_dir: str, teacher_ids, *, buckets, base_seed: int, noise_draws: int,
-                         schedule_config: dict, dtype: str) -> TrainingCaches:
-  """Reads and cross-checks the manifests against the config and each other, and opens every shard
-  (a missing or truncated one is an error before training starts)."""
+                         schedule_config: dict, dtype: str,
+                         checkpoints: Optional[dict] = None) -> TrainingCaches:
+  """Reads and cross-checks the manifests against the config and each other (and, given
+  `checkpoints` {teacher id: configured checkpoint}, against the teachers the caches were built
+  from), and opens every shard (a missing or truncated one is an error before training starts)."""
   latent_directory = os.path.join(cache_dir, LATENTS)
   latents = read_manifest(latent_directory, "latent cache",
                           "build it with `python -m jdistill.cache build-latents`")
@@ -55,6 +60,8 @@ def open_training_caches(cache_dir: str, teacher_ids, *, buckets, base_seed: int
           raise CacheError(f"{directory} was built from another latent cache: rebuild it")
         raise CacheError(f"config.{field}={value!r} but {directory} was built with {manifest.get(key)!r}: "
                          "train with the config the caches were built with, or rebuild them")
+    if checkpoints is not None:
+      _check_teacher(directory, manifest, teacher_id, checkpoints[teacher_id])
     teachers.append(manifest)
   caches = TrainingCaches(cache_dir, latents, tuple(teachers), tuple(teacher_ids))
   reader = ShardReader()
@@ -62,6 +69,30 @@ def open_training_caches(cache_dir: str, teacher_ids, *, buckets, base_seed: int
     reader.open(path, count)
   reader.close()
   return caches
+
+
+def _check_teacher(directory, manifest, teacher_id, checkpoint):
+  """The configured checkpoint is the one the cache was built from: the same bytes (SHA-256) where
+  the manifest records them, else the same path. A checkpoint no longer on disk cannot be checked."""
+  recorded, recorded_sha256 = manifest.get("checkpoint"), manifest.get("checkpoint_sha256")
+  if not epath.Path(checkpoint).exists():
+    logging.warning("Teacher %s: %s does not exist, so %s (built from %s) cannot be checked "
+                    "against it", teacher_id, checkpoint, directory, recorded)
+    return
+  if recorded_sha256:
+    configured = files.sha256(checkpoint)
+    if configured == recorded_sha256:
+      return
+    found = f"{checkpoint!r} (sha256 {configured[:16]})"
+    built = f"{recorded!r} (sha256 {recorded_sha256[:16]})"
+  elif checkpoint == recorded:
+    return
+  else:
+    found, built = repr(checkpoint), repr(recorded)
+  raise CacheError(
+      f"config.multi_teacher.teachers.{teacher_id}.checkpoint={found} but {directory} holds the "
+      f"predictions of {built}: rebuild it with `python -m jdistill.cache build-teacher "
+      f"--teacher={teacher_id} --config.cache.skip_existing=False`, or point the config back")
 
 
 def _shard_files(caches):

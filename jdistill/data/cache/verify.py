@@ -56,21 +56,28 @@ def verify(cache_dir: str, teacher_ids: Optional[Sequence[str]] = None) -> list:
 
 
 def _read_all(reader, path, expected, problems):
-  """The decoded records of a shard (None for each undecodable one); a missing, truncated or short
-  shard is one problem and no records."""
+  """The decoded records of a shard (None for each unreadable or undecodable one, a problem each);
+  a missing, truncated or short shard is one problem and no records."""
   try:
-    raw = reader.read_raw(path, expected)
+    reader.open(path, expected)
   except CacheError as e:
     problems.append(str(e))
     return []
-  rows = []
-  for j, data in enumerate(raw):
-    try:
-      rows.append(decode_record(data, f"{path}: record {j}"))
-    except CacheError as e:
-      problems.append(str(e))
-      rows.append(None)
-  return rows
+  try:
+    raw = reader.read_raw(path, expected)
+  except CacheError:            # corrupt bytes somewhere: read record by record to name each
+    raw = [_or_problem(problems, reader.read_bytes, path, j, expected) for j in range(expected)]
+  return [None if data is None else _or_problem(problems, decode_record, data, f"{path}: record {j}")
+          for j, data in enumerate(raw)]
+
+
+def _or_problem(problems, fn, *args):
+  """fn(*args), or None with its CacheError added to `problems`."""
+  try:
+    return fn(*args)
+  except CacheError as e:
+    problems.append(str(e))
+    return None
 
 
 def _array_problems(where, record, key, shape, dtype):
