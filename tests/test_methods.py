@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import serialization
 
 from conftest import tiny_teacher_params, tiny_unet
@@ -211,3 +212,31 @@ def test_early_stopping_reaches_every_method(name, tmp_path, monkeypatch, teache
   assert ckpt_lib.read_meta(os.path.join(checkpoints, "checkpoints"))["stopped_early"]
   best = ckpt_lib.manager(os.path.join(checkpoints, "best"), asynchronous=False)
   assert best.latest_step() == 2                  # the best-evaluated state is kept
+
+
+@pytest.mark.parametrize("name", ("progressive", "dmd"))
+def test_min_snr_gamma_reaches_the_progressive_loss_and_the_critic(name, tmp_path):
+  """config.diffusion.min_snr_gamma is the gamma of min(SNR, gamma): with gamma above every SNR
+  the 'min_snr' loss is the eps-MSE ('eps_mse': SNR) loss; with gamma = 1 it is not."""
+  exp = setup.build(tiny_config(name), str(tmp_path), evaluator=False, record_config=False)
+  params = jax.tree.map(jnp.asarray, tiny_teacher_params(exp.config, 0))
+  batch = next(pipeline.make_iterator(exp.train_data()))
+  rng = jax.random.key(0)
+
+  def loss(weighting, gamma):
+    c = exp.config
+    c.diffusion.min_snr_gamma = gamma
+    if name == "progressive":
+      c.progressive.loss_weighting = weighting
+      stage = pd.ProgressiveStage(jnp.int32(2), jnp.int32(10), jnp.int32(2))
+      return float(pd_method.make_objective(exp).validation_loss(params, params, batch, rng, stage))
+    c.dmd.critic_weighting = weighting
+    critic = nn.unbox(dm_method.make_objective(exp, 10).init_state(rng)).critic.params
+    steps = jnp.ones((16,), jnp.int32)
+    return float(dm_method.make_objective(exp, 10).critic_loss(
+        critic, jnp.asarray(batch["x"]), jnp.asarray(batch["x"]), None, steps, jnp.ones((16,)),
+        rng)[0])
+
+  eps_mse = loss("eps_mse", 5.0)
+  np.testing.assert_allclose(loss("min_snr", 1e30), eps_mse, rtol=1e-6)
+  assert loss("min_snr", 1.0) < 0.5 * eps_mse

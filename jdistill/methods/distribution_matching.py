@@ -118,6 +118,7 @@ def make_objective(exp, num_steps):
       variant=d.variant, generator_steps=d.generator_steps,
       critic_updates_per_generator=d.critic_updates_per_generator, t_min=d.t_min, t_max=d.t_max,
       guidance=c.diffusion.guidance, critic_weighting=d.critic_weighting,
+      min_snr_gamma=c.diffusion.min_snr_gamma,
       regression_weight=d.regression_weight, regression_steps=d.regression_steps,
       regression_source=d.regression_source,
       gan_weight=d.gan_weight, huber_c=d.huber_c, remat=d.remat,

@@ -233,7 +233,8 @@ def make_objective(exp):
     features = FeatureDistillation(tuple(c.features.layers), c.features.weight_start,
                                    c.features.weight_end, c.features.schedule)
   return ProgressiveObjective(exp.denoiser, exp.schedule, exp.optimizer(), c.optim, exp.data_shape,
-                              p.loss_weighting, curriculum=curriculum_lib.make_scheduler(c),
+                              p.loss_weighting, min_snr_gamma=c.diffusion.min_snr_gamma,
+                              curriculum=curriculum_lib.make_scheduler(c),
                               features=features, lora=make_lora(c))
 
 

@@ -25,7 +25,7 @@ DMD2 generator step, x = G(z_{t_k}):
 TDM generator step, x_s = G(z_{t_k}):
   target = sg(x_s + (x_real - x_fake)),  loss = pseudo_huber(x_s - target) / sg(mean|x_s - x_real|).
 Critic step: a denoising loss on sg(G samples), weighted by `critic_weighting`: DMD2 the
-  teacher's (v_mse), TDM x0-MSE x min(SNR, 5) (min_snr).
+  teacher's (v_mse), TDM x0-MSE x min(SNR, gamma) (min_snr, gamma = config.diffusion.min_snr_gamma).
 """
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ class DistributionMatchingObjective(state_lib.Objective):
   t_max: float = 0.98
   guidance: float = 0.0
   critic_weighting: str = "v_mse"
+  min_snr_gamma: float = 5.0       # gamma of a 'min_snr' critic weighting
   regression_weight: float = 0.0   # DMD1 regression to the teacher's ODE (frozen['regression'])
   regression_steps: int = 32
   regression_source: str = "pairs"  # 'pairs': fixed, frozen['regression']; 'data': online from data
@@ -293,7 +294,8 @@ class DistributionMatchingObjective(state_lib.Objective):
     pred = self._predict(critic_params["score"], z_t, t, label, steps=self.critic_step_ids(steps, t_k))
     # DMD2: the teacher's weighting (v_mse); TDM: x0-MSE x min(SNR, 5) (t is uniform in its
     # interval, so TDM's importance weight is 1)
-    loss = jnp.mean(weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting))
+    loss = jnp.mean(weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting,
+                                     self.min_snr_gamma))
     metrics = {"critic_denoising_loss": loss}
     if self.gan_weight > 0:
       z_fake, t_gan, _ = self._noise(x_generated, rng_gan, self.t_min, self.t_max)

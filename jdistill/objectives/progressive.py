@@ -78,6 +78,7 @@ class ProgressiveObjective(state_lib.Objective):
   optim: Any                      # config.optim (lr schedule, EMA decay and warmup)
   data_shape: tuple
   weighting: str = "snr_trunc"
+  min_snr_gamma: float = 5.0      # gamma of the 'min_snr' weighting
   curriculum: Any = None          # None: i ~ U{0..N-1}; else an AdaptiveCurriculumScheduler
   features: Optional[FeatureDistillation] = None
   lora: Any = None                # a LoRA: only adapters train, over the frozen 'student_base'
@@ -134,7 +135,7 @@ class ProgressiveObjective(state_lib.Objective):
             params, z_t, logsnr_t, label, self.features.layers, train=True, rng=rng_dropout)
         feature_loss = sum(jnp.mean(jnp.square(a - jax.lax.stop_gradient(b)))
                            for a, b in zip(student_features, teacher_features)) / len(student_features)
-      per_example = weighted_x_loss(pred.x0, x_target, logsnr_t, self.weighting)
+      per_example = weighted_x_loss(pred.x0, x_target, logsnr_t, self.weighting, self.min_snr_gamma)
       loss = jnp.mean(importance * per_example)
       if self.features is not None:
         loss = loss + feature_weight * feature_loss
@@ -164,7 +165,7 @@ class ProgressiveObjective(state_lib.Objective):
     t, s = sample_student_time(rng_t, batch["x"].shape[0], stage.student_steps)
     z_t, logsnr_t, x_target, label = self.targets(teacher_params, batch, rng_eps, t, s, stage)
     pred = self.denoiser.predict(params, z_t, logsnr_t, label)
-    return jnp.mean(weighted_x_loss(pred.x0, x_target, logsnr_t, self.weighting))
+    return jnp.mean(weighted_x_loss(pred.x0, x_target, logsnr_t, self.weighting, self.min_snr_gamma))
 
   def eval_params(self, state, frozen=None):
     return self.student_params(state.ema_params, frozen)
