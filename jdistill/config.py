@@ -39,8 +39,12 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
       name="unet", channels=48, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(4,),
       num_heads=1, dropout=0.0, num_classes=0, norm_groups=8, dtype="float32"))
   c.diffusion = ml_collections.ConfigDict(dict(
+      # 'linear' / 'scaled_linear': DDPM beta schedules over num_train_timesteps; the default
+      # betas are Stable Diffusion's (with 'scaled_linear'; DDPM's own 'linear' is 1e-4 to 0.02);
+      # zero_terminal_snr rescales them to reach pure noise (Lin et al. 2024)
       schedule=ml_collections.ConfigDict(dict(name="cosine", num_train_timesteps=1000,
-                                              beta_start=0.00085, beta_end=0.012)),
+                                              beta_start=0.00085, beta_end=0.012,
+                                              zero_terminal_snr=False)),
       parameterization="v", loss_weighting="v_mse", min_snr_gamma=5.0, label_dropout=0.1,
       clip_x=True, guidance=0.0))
   c.optim = ml_collections.ConfigDict(dict(
@@ -128,6 +132,9 @@ def validate(config, num_devices: int):
   check(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
   check(0.0 <= config.optim.final_lr_fraction <= 1.0, "optim.final_lr_fraction",
         f"must be in [0, 1], got {config.optim.final_lr_fraction}")
+  check(not (config.diffusion.schedule.zero_terminal_snr and config.diffusion.schedule.name == "cosine"),
+        "diffusion.schedule.zero_terminal_snr", "rescales the DDPM beta schedules ('linear', "
+        "'scaled_linear'); 'cosine' already ends at pure noise")
   check(config.diffusion.schedule.num_train_timesteps >= 1, "diffusion.schedule.num_train_timesteps",
         "must be >= 1")
   check(config.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {config.data.batch_size}")

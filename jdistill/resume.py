@@ -32,11 +32,18 @@ def flatten(tree, prefix: str = "") -> dict:
   return flat
 
 
-def changed_fields(stored: dict, config) -> dict:
-  """{field: (stored value, new value)} for every field that differs (a missing one is None)."""
-  new = flatten(json.loads(config.to_json_best_effort()))
-  old = flatten(stored)
-  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+def changed_fields(stored: dict, config, defaults=None) -> dict:
+  """{field: (stored value, new value)} for every field that differs (a missing one is None). A
+  field the stored config lacks (added by a later jdistill) is unchanged if it is at its value in
+  `defaults`."""
+  new, old = _flat(config), flatten(stored)
+  default = _flat(defaults) if defaults is not None else {}
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and not (k not in old and k in default and new[k] == default[k])}
+
+
+def _flat(config) -> dict:
+  return flatten(json.loads(config.to_json_best_effort()))
 
 
 def may_change(field: str, allowed=()) -> bool:
@@ -54,14 +61,15 @@ def has_checkpoints(workdir: str) -> bool:
       for p in root.glob(pattern))
 
 
-def check_config(config, workdir: str, allowed=()):
+def check_config(config, workdir: str, allowed=(), defaults=None):
   """Refuses to resume `workdir` with a config that changes a field the run was trained with
-  (other than MAY_CHANGE_ON_RESUME and the `allowed` names). A workdir without checkpoints is a
-  fresh run."""
+  (other than MAY_CHANGE_ON_RESUME and the `allowed` names; a field new since the run is compared
+  with its value in `defaults`, the method's defaults). A workdir without checkpoints is a fresh
+  run."""
   stored = files.read_json(f"{workdir}/config.json")
   if stored is None or not has_checkpoints(workdir):
     return
-  changed = changed_fields(stored, config)
+  changed = changed_fields(stored, config, defaults)
   unknown = [name for name in allowed if name not in flatten(stored) and name not in changed]
   if unknown:
     raise ConfigError(f"--allow_config_changes: {', '.join(unknown)} is not a config field")

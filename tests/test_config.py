@@ -98,6 +98,7 @@ def _mutations():
       ("train.save_every", set_("train.save_every", -1), 1),
       ("train.eval_every", set_("train.eval_every", -1), 1),
       ("optim.final_lr_fraction", set_("optim.final_lr_fraction", -0.5), 1),
+      ("diffusion.schedule.zero_terminal_snr", set_("diffusion.schedule.zero_terminal_snr", True), 1),
       ("optim.final_lr_fraction", set_("optim.final_lr_fraction", 1.5), 1),
       ("diffusion.schedule.num_train_timesteps", set_("diffusion.schedule.num_train_timesteps", 0), 1),
   ]
@@ -330,3 +331,13 @@ def test_unify_steps_from_the_command_line(tmp_path):
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu"))
   assert out.returncode != 0
   assert "config.dmd.unify_steps: step counts must be in 1..16, got (1, 2, 32)" in out.stderr
+
+
+@pytest.mark.parametrize("preset, teacher_steps, lr", [("cifar10", 8192, 5e-5), ("imagenet64", 1024, 1e-4)])
+def test_paper_progressive_presets_take_the_released_distillation_settings(preset, teacher_steps, lr):
+  """google-research diffusion_distillation cifar_distill.py / imagenet64_distill.py."""
+  config = progressive_config.get_config(preset)
+  assert config.teacher.sampling_steps == teacher_steps and config.optim.lr == lr
+  assert config.progressive.steps_per_stage == 50_000 and config.optim.ema_decay == 0.0
+  assert config.model.dropout == 0.0 and config.optim.schedule == "linear"
+  assert config.optim.final_lr_fraction == 0.0 and config.optim.warmup_steps == 0

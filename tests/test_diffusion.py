@@ -46,6 +46,20 @@ def test_discrete_schedules_match_ddpm_alphas_cumprod(name):
   np.testing.assert_allclose(np.asarray(alpha) ** 2, alphas_cumprod[k - 1], rtol=1e-4)
 
 
+def test_zero_terminal_snr_rescale_reaches_pure_noise_and_keeps_the_first_alpha():
+  """Lin et al. 2024, Algorithm 1, by hand: sqrt(alpha_bar) shifted so its last value is 0 and
+  scaled so its first is unchanged."""
+  betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+  root = np.sqrt(np.cumprod(1 - betas))
+  rescaled = (root - root[-1]) * root[0] / (root[0] - root[-1])
+  plain, zero = schedule("scaled_linear"), schedule("scaled_linear", zero_terminal_snr=True)
+  assert 0.06 < float(schedules.alpha_sigma(plain(1.0))[0]) < 0.07    # short of pure noise
+  assert float(schedules.alpha_sigma(zero(1.0))[0]) < 1e-4             # logSNR clipped at -20
+  k = np.array([1, 10, 500, 900])
+  alpha, _ = schedules.alpha_sigma(zero(k / 1000.0))
+  np.testing.assert_allclose(np.asarray(alpha), rescaled[k - 1], rtol=1e-4)
+
+
 def test_unknown_schedule_names_the_field():
   with pytest.raises(ValueError, match="schedule.name"):
     schedule("quadratic")

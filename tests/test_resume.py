@@ -75,7 +75,7 @@ def test_checkpoints_carry_the_model_card_and_a_teacher_of_another_parameterizat
   config, workdir = teacher_run
   meta = ckpt_lib.read_meta(f"{workdir}/checkpoints")
   assert meta["model_card"] == {"diffusion.parameterization": "v",
-                                "diffusion.schedule": config.diffusion.schedule.to_dict(),
+                                "diffusion.schedule": {"name": "cosine"},
                                 "model.num_classes": 0}
   student = config.copy_and_resolve_references()
   exp = setup.build(student, workdir + "_check", evaluator=False, record_config=False)
@@ -176,3 +176,17 @@ def test_a_stage_result_is_reused_only_if_evaluated_the_same_way(tmp_path):
   row = progressive.stage_row(exp, str(tmp_path), 0, 2, None, None, 2.0, {})
   assert row["student_fd"] == 3.0 and row["ddim_fd"] == 3.0
   assert json.load(open(tmp_path / "result.json"))["student_fd"] == 3.0
+
+
+def test_a_field_added_since_the_run_is_unchanged_at_its_default(tmp_path, teacher_run):
+  config, workdir = teacher_run
+  stored = json.load(open(f"{workdir}/config.json"))
+  del stored["diffusion"]["schedule"]["zero_terminal_snr"]       # a run of an older jdistill
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  defaults = teacher.get_config("digits")
+  resume.check_config(config, str(tmp_path), defaults=defaults)
+  changed = config.copy_and_resolve_references()
+  changed.diffusion.schedule.update(name="linear", zero_terminal_snr=True)
+  with pytest.raises(ConfigError, match="zero_terminal_snr: None in the run, True now"):
+    resume.check_config(changed, str(tmp_path), defaults=defaults)

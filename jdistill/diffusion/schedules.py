@@ -34,8 +34,14 @@ def cosine_logsnr(t, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
   return -2.0 * jnp.log(jnp.tan(a * jnp.asarray(t, jnp.float32) + b))
 
 
-def discrete_logsnr_table(name: str, num_train_timesteps: int, beta_start: float, beta_end: float):
-  """logSNR at t_k = k / T for k = 0..T of a DDPM beta schedule (k = 0 is clean: logsnr_max)."""
+def discrete_logsnr_table(name: str, num_train_timesteps: int, beta_start: float, beta_end: float,
+                          zero_terminal_snr: bool = False):
+  """logSNR at t_k = k / T for k = 0..T of a DDPM beta schedule (k = 0 is clean: logsnr_max).
+
+  These schedules end short of pure noise (Stable Diffusion's betas: alpha_T = 0.068), while
+  sampling starts from it. `zero_terminal_snr` rescales sqrt(alpha_bar) (Lin et al. 2024, Alg. 1)
+  so that alpha_T = 0 (logSNR clipped to LOGSNR_MIN) and alpha_1 is unchanged.
+  """
   if name == "linear":
     betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
   elif name == "scaled_linear":
@@ -43,7 +49,12 @@ def discrete_logsnr_table(name: str, num_train_timesteps: int, beta_start: float
   else:
     raise ValueError(f"schedule.name: unknown discrete schedule {name!r}")
   alphas_cumprod = np.cumprod(1.0 - betas)
-  logsnr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)
+  if zero_terminal_snr:
+    root = np.sqrt(alphas_cumprod)
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    alphas_cumprod = root**2
+  with np.errstate(divide="ignore"):
+      logsnr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)
   logsnr = np.concatenate([[LOGSNR_MAX], np.clip(logsnr, LOGSNR_MIN, LOGSNR_MAX)])
   return np.linspace(0.0, 1.0, num_train_timesteps + 1), logsnr
 
@@ -58,6 +69,15 @@ class Schedule:
     return self.logsnr(t)
 
 
+def defining_fields(config) -> dict:
+  """The fields of a schedule config that change its logSNR(t): the cosine schedule is its name."""
+  if config["name"] == "cosine":
+    return {"name": "cosine"}
+  return {"name": config["name"], "num_train_timesteps": config["num_train_timesteps"],
+          "beta_start": config["beta_start"], "beta_end": config["beta_end"],
+          "zero_terminal_snr": config.get("zero_terminal_snr", False)}
+
+
 def make_schedule(config) -> Schedule:
   """Builds the schedule named by `config.name` ('cosine', 'linear', 'scaled_linear')."""
   name = config.name
@@ -65,7 +85,8 @@ def make_schedule(config) -> Schedule:
   if name == "cosine":
     return Schedule("cosine", cosine_logsnr)
   t_grid, logsnr_grid = discrete_logsnr_table(                  # 'linear', 'scaled_linear'
-      name, config.num_train_timesteps, config.beta_start, config.beta_end)
+      name, config.num_train_timesteps, config.beta_start, config.beta_end,
+      config.get("zero_terminal_snr", False))
   t_grid = jnp.asarray(t_grid, jnp.float32)
   logsnr_grid = jnp.asarray(logsnr_grid, jnp.float32)
   return Schedule(name, lambda t: jnp.interp(jnp.asarray(t, jnp.float32), t_grid, logsnr_grid))

@@ -45,5 +45,6 @@ def train(config, workdir: str, allow_config_changes=()):
   trains the method into `workdir`; returns what the method returns (the final params)."""
   validate(config, jax.device_count())
   with lock.hold(workdir):
-    resume.check_config(config, workdir, allow_config_changes)
+    resume.check_config(config, workdir, allow_config_changes,
+                        defaults=get(config.method).get_config(config.preset))
     return get(config.method).train(config, workdir)

@@ -11,6 +11,7 @@ from etils import epath
 from flax import serialization
 
 from jdistill import files
+from jdistill.diffusion import schedules
 from jdistill.train import checkpoint as ckpt_lib
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
@@ -31,6 +32,8 @@ def bundled_teacher_path(config):
     for key, value in trained[section].items():
       mine = config[section][key]
       mine = mine.to_dict() if hasattr(mine, "to_dict") else mine
+      if key == "schedule":
+        mine, value = schedules.defining_fields(mine), schedules.defining_fields(value)
       if (list(mine) if isinstance(mine, tuple) else mine) != value:
         raise ValueError(f"config.{section}.{key}={mine!r}, but the bundled {name} teacher was "
                          f"trained with {value!r}: set it back, or pass config.teacher.checkpoint")
@@ -40,9 +43,8 @@ def bundled_teacher_path(config):
 def model_card(sections) -> dict:
   """What a model's params mean beyond their shapes, from a config or an exported model's JSON
   (both have `model` and `diffusion` sections): another config must share these to use them."""
-  schedule = sections["diffusion"]["schedule"]
   return {"diffusion.parameterization": sections["diffusion"]["parameterization"],
-          "diffusion.schedule": dict(schedule.to_dict() if hasattr(schedule, "to_dict") else schedule),
+          "diffusion.schedule": schedules.defining_fields(sections["diffusion"]["schedule"]),
           "model.num_classes": sections["model"]["num_classes"]}
 
 
