@@ -156,48 +156,53 @@ def run(objective: Objective, settings: Settings, *, workdir: str, mesh, train_d
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=log_every)
   pending, last_eval, t_log, step_log = [], {}, time.time(), start
-  for step in range(start, num_steps):
-    batch = pipeline.to_global(next(iterator), batch_sharding)
-    state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen, stage, step)
-    pending.append(metrics)
-    done = step + 1
-    report(done)
-    if done % log_every == 0 or done == num_steps or (save_every and done % save_every == 0):
-      summary = _summarise(pending, done)
-      pending = []
-      rate = (done - step_log) / max(time.time() - t_log, 1e-9)
-      t_log, step_log = time.time(), done
-      eta = (num_steps - done) / max(rate, 1e-9)
-      logging.info("%sstep %d/%d  %s  %.2f steps/s  ETA %s", metric_prefix, done, num_steps,
-                   "  ".join(f"{k}={v:.4g}" for k, v in summary.items()), rate, hms(eta))
-      writer.write_scalars(global_step_offset + done,
-                           {metric_prefix + k: v for k, v in summary.items()})
-    # evaluate first, so a checkpoint of the same step holds that evaluation's best and count
-    if evaluate is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
-      scalars, images = evaluate(objective.eval_params(state, frozen), done)
-      last_eval = scalars
-      writer.write_scalars(global_step_offset + done, {metric_prefix + k: v for k, v in scalars.items()})
-      if images:
-        writer.write_images(global_step_offset + done, {metric_prefix + k: v for k, v in images.items()})
-      if best_metric and best_metric not in scalars:
-        raise KeyError(f"best_metric {best_metric!r} is not among the evaluation's scalars "
-                       f"{sorted(scalars)}")
-      if best_metric and scalars[best_metric] < best:
-        best, evals_since_best = scalars[best_metric], 0
-        if on_best is not None:
-          on_best(state, scalars, done)
-      else:
-        evals_since_best += 1
-      if early_stopping_patience and evals_since_best >= early_stopping_patience and done < num_steps:
-        logging.info("%sEarly stop at step %d: %s did not improve on %.4g in %d evaluations.",
-                     metric_prefix, done, best_metric, best, evals_since_best)
-        checkpoint(done, force=True, stopped_early=True)
-        break
-    if save_every and done % save_every == 0 and done != num_steps:
-      checkpoint(done)
-  else:
-    if start < num_steps:
-      checkpoint(num_steps, force=True)
+  try:
+    for step in range(start, num_steps):
+      batch = pipeline.to_global(next(iterator), batch_sharding)
+      state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen, stage, step)
+      pending.append(metrics)
+      done = step + 1
+      report(done)
+      if done % log_every == 0 or done == num_steps or (save_every and done % save_every == 0):
+        summary = _summarise(pending, done)
+        pending = []
+        rate = (done - step_log) / max(time.time() - t_log, 1e-9)
+        t_log, step_log = time.time(), done
+        eta = (num_steps - done) / max(rate, 1e-9)
+        logging.info("%sstep %d/%d  %s  %.2f steps/s  ETA %s", metric_prefix, done, num_steps,
+                     "  ".join(f"{k}={v:.4g}" for k, v in summary.items()), rate, hms(eta))
+        writer.write_scalars(global_step_offset + done,
+                             {metric_prefix + k: v for k, v in summary.items()})
+      # evaluate first, so a checkpoint of the same step holds that evaluation's best and count
+      if evaluate is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
+        scalars, images = evaluate(objective.eval_params(state, frozen), done)
+        last_eval = scalars
+        writer.write_scalars(global_step_offset + done, {metric_prefix + k: v for k, v in scalars.items()})
+        if images:
+          writer.write_images(global_step_offset + done, {metric_prefix + k: v for k, v in images.items()})
+        if best_metric and best_metric not in scalars:
+          raise KeyError(f"best_metric {best_metric!r} is not among the evaluation's scalars "
+                         f"{sorted(scalars)}")
+        if best_metric and scalars[best_metric] < best:
+          best, evals_since_best = scalars[best_metric], 0
+          if on_best is not None:
+            on_best(state, scalars, done)
+        else:
+          evals_since_best += 1
+        if early_stopping_patience and evals_since_best >= early_stopping_patience and done < num_steps:
+          logging.info("%sEarly stop at step %d: %s did not improve on %.4g in %d evaluations.",
+                       metric_prefix, done, best_metric, best, evals_since_best)
+          checkpoint(done, force=True, stopped_early=True)
+          break
+      if save_every and done % save_every == 0 and done != num_steps:
+        checkpoint(done)
+    else:
+      if start < num_steps:
+        checkpoint(num_steps, force=True)
+  except BaseException:
+    if jax.process_count() == 1:   # an in-flight save completes (other processes may be gone)
+      manager.wait_until_finished()
+    raise
   manager.wait_until_finished()
   writer.flush()
   return state, last_eval
