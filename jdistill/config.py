@@ -58,8 +58,10 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       features="digits", inception_weights="", num_samples=1000, steps_during_training=(64,),
       final_steps=(256, 64, 16, 4, 2, 1), batch_size=500,
-      final_num_samples=0))     # the end-of-run FD tables (0: num_samples); FD's spread between
+      final_num_samples=0,      # the end-of-run FD tables (0: num_samples); FD's spread between
                                 # noise seeds falls with the count (docs/results.md)
+      neighbour_examples=10_000))   # held-out and training examples (a fixed random subset of
+                                    # each split, 0: all) for memorisation and precision / recall
   c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
   # timestep sampler: 'uniform' or 'adaptive' (jdistill/curriculum.py)
   c.curriculum = ml_collections.ConfigDict(dict(
@@ -78,7 +80,8 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
     c.diffusion.update(clip_x=False)
     c.optim.update(lr=1e-3, warmup_steps=100)
     c.train.update(num_steps=20000, log_every=1000, eval_every=5000)   # ~5 min on 2 CPU cores
-    c.eval.update(features="raw", num_samples=5000, steps_during_training=(64,))
+    c.eval.update(features="raw", num_samples=5000, steps_during_training=(64,),
+                  neighbour_examples=5000)
   elif preset in ("mnist", "cifar10", "imagenet64"):
     name, res = {"mnist": ("mnist", 28), "cifar10": ("cifar10", 32),
                  "imagenet64": ("imagenet_resized/64x64", 64)}[preset]
@@ -168,6 +171,8 @@ def validate(config, num_devices: int):
   final_count = config.eval.get("final_num_samples", 0)
   check(final_count == 0 or final_count >= 2, "eval.final_num_samples",
         f"must be 0 (= eval.num_samples) or >= 2, got {final_count}")
+  check(config.eval.get("neighbour_examples", 0) >= 0, "eval.neighbour_examples",
+        f"must be >= 0 (0: all), got {config.eval.get('neighbour_examples')}")
   source = config.data.source
   check_choice("data.source", source, DATA_SOURCES)
   check(config.data.resolution >= 0, "data.resolution", f"must be >= 0 (0: the dataset's own), got "

@@ -139,6 +139,11 @@ def test_training_on_the_caches_lowers_every_per_teacher_loss(teacher_cache, tmp
   summary = open(os.path.join(workdir, "summary.md")).read()
   mean = np.mean([result["teachers"][t]["fd"]["2"] for t in ("a", "b")])
   assert f"| mean of the teachers | | {mean:.4g} |" in summary and "| **student** | | **" in summary
+  # the student's every metric, FD (teacher) to the heaviest teacher 'a', and the floors
+  student = result["student"][0]
+  assert result["fidelity_teacher"] == "a" and np.isfinite(student["fd_teacher"])
+  assert f"| 2 | {student['fd']:.4g} | {student['fd_teacher']:.4g} | {student['memorised']:.3f} |" in summary
+  assert "The student against teacher a" in summary and "Floors: FD (data)" in summary
 
 
 def test_a_corrupt_record_stops_training_naming_the_file(teacher_cache, tmp_path):

@@ -144,10 +144,17 @@ def test_three_stages_checkpoint_and_reduce_their_loss(unbroken):
       row = json.load(f)
     # speed is a benchmark's business, not a test's: only check the field is reported
     assert row["steps"] == n and np.isfinite(row["student_fd"]) and row["speedup"] > 0
+    # every evaluation's nearest-neighbour metrics and FD to the teacher, in the row and TensorBoard
+    assert 0 <= row["memorised"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    assert np.isfinite(row["fd_teacher"])
+    for metric in ("memorised", "precision", "recall", "fd_teacher"):
+      assert len(_scalars(workdir, f"stage{k}_{n}steps/{metric}")) >= 1, metric
     losses = _scalars(workdir, f"stage{k}_{n}steps/distill_loss")
     assert len(losses) == 3 and losses[-1] < losses[0], losses
   summary = open(os.path.join(workdir, "summary.md")).read()
   assert "| 2 | 1 |" in summary and "speedup" in summary
+  assert "| FD (data) | FD (teacher) | memorised | precision | recall |" in summary
+  assert "its floor, the teacher against itself: " in summary and "Floors: FD (data)" in summary
   assert os.path.getsize(os.path.join(workdir, "fd_vs_steps.png")) > 1000
 
 

@@ -1,4 +1,5 @@
-"""Sampling and Frechet-distance evaluation, shared by every method and the sampling CLI."""
+"""Sampling and evaluation (Frechet distance, memorisation, precision / recall, FD to the teacher),
+shared by every method and the sampling CLI."""
 from __future__ import annotations
 
 import functools
@@ -14,6 +15,7 @@ from jdistill.data import pipeline
 from jdistill.diffusion import sampling
 from jdistill.eval import features as features_lib
 from jdistill.eval import frechet
+from jdistill.eval import neighbours
 
 
 class Sampler:
@@ -70,32 +72,109 @@ def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2, mode="
   return 1000.0 * float(np.median(times)) / num_samples
 
 
+TEACHER_SEED_OFFSETS = (1, 2)    # the teacher's samples for FD (teacher), and their floor
+
+
 class FDEvaluator:
-  """FD of samples against the held-out split, in a feature net's space (+ sliced W for 2-D)."""
+  """FD of samples against the held-out split in a feature net's space (+ sliced W for 2-D), and
+  in the same features: nearest-neighbour metrics (memorised share, precision, recall) and, with
+  a teacher set, FD to the teacher's samples."""
 
   def __init__(self, sampler: Sampler, reference_source, feature_name: str, num_samples: int,
-               inception_weights: str = "", seed: int = 1234, final_num_samples: int = 0):
+               inception_weights: str = "", seed: int = 1234, final_num_samples: int = 0,
+               training_source=None, neighbour_examples: int = 0):
     self.sampler, self.num_samples, self.seed = sampler, num_samples, seed
     self.final_num_samples = final_num_samples or num_samples     # the end-of-run tables
     self.features = features_lib.feature_fn(feature_name, inception_weights)
     self.reference = pipeline.all_examples(reference_source)["x"]
-    self.reference_stats = frechet.gaussian_stats(self.features(self.reference))
+    self.reference_features = self.features(self.reference)
+    self.reference_stats = frechet.gaussian_stats(self.reference_features)
     self.is_2d = len(sampler.data_shape) == 1
+    self.training_source, self.neighbour_examples = training_source, neighbour_examples
+    self.teacher, self._teacher_features, self._data_floors = None, {}, {}
 
   @property
   def final_reuses_training_count(self) -> bool:
     """Whether an end-of-run table may reuse an evaluation from training (the same sample count)."""
     return self.final_num_samples == self.num_samples
 
-  def fd_of(self, samples) -> dict:
-    result = {"fd": frechet.frechet_distance_from_stats(
-        *frechet.gaussian_stats(self.features(samples)), *self.reference_stats)}
-    if self.is_2d:
-      result["swd"] = frechet.sliced_wasserstein(samples, self.reference)
+  @functools.cached_property
+  def neighbour_reference(self) -> dict:
+    """Computed once per run, at first use: the real set of precision / recall (held-out features,
+    at most `neighbour_examples`) and its k-NN radii; with a training source, training features
+    (at most as many), the memorisation threshold (5th percentile of held-out-to-training nearest
+    distances) and the held-out split's own memorised share (the floor)."""
+    real = self.reference_features[_subset(len(self.reference_features), self.neighbour_examples)]
+    out = dict(real=real, radii=neighbours.knn_radii(real) if len(real) > neighbours.K else None)
+    if self.training_source is not None:
+      index = _subset(len(self.training_source.records), self.neighbour_examples)
+      train = self.features(np.stack([self.training_source.records[int(i)]["x"] for i in index]))
+      threshold = neighbours.memorisation_threshold(real, train)
+      out.update(train=train, threshold=threshold,
+                 floor=neighbours.memorised_fraction(real, train, threshold))
+    return out
+
+  def neighbour_metrics(self, sample_features) -> dict:
+    """{'memorised' (with a training source), 'precision', 'recall' (with > k samples and real
+    examples)} of samples' features."""
+    ref, result = self.neighbour_reference, {}
+    if "train" in ref:
+      result["memorised"] = neighbours.memorised_fraction(sample_features, ref["train"],
+                                                          ref["threshold"])
+    if ref["radii"] is not None and len(sample_features) > neighbours.K:
+      result.update(neighbours.precision_recall(ref["real"], sample_features, ref["radii"]))
     return result
 
+  def set_teacher(self, params, num_steps: int, mode: str = "ddim"):
+    """The model that FD (teacher) compares samples with: `num_steps`-step samples of `params`,
+    drawn (once per sample count) with other noise seeds than the evaluated samples."""
+    self.teacher, self._teacher_features = (params, num_steps, mode), {}
+
+  def teacher_features(self, count: int, draw: int = 0):
+    """Features of `count` teacher samples from the `draw`-th teacher seed (cached)."""
+    key = (count, draw)
+    if key not in self._teacher_features:
+      params, num_steps, mode = self.teacher
+      self._teacher_features[key] = self.features(self.sampler.sample(
+          params, num_steps, count, self.seed + TEACHER_SEED_OFFSETS[draw], mode=mode))
+    return self._teacher_features[key]
+
+  def fd_of(self, samples) -> dict:
+    """FD (and sliced W for 2-D) against the held-out split, the neighbour metrics and, with a
+    teacher set, 'fd_teacher'."""
+    sample_features = self.features(samples)
+    result = {"fd": frechet.frechet_distance_from_stats(
+        *frechet.gaussian_stats(sample_features), *self.reference_stats)}
+    if self.is_2d:
+      result["swd"] = frechet.sliced_wasserstein(samples, self.reference)
+    if self.teacher is not None:
+      result["fd_teacher"] = frechet.frechet_distance(
+          sample_features, self.teacher_features(len(samples)))
+    result.update(self.neighbour_metrics(sample_features))
+    return result
+
+  def floors(self, count: int = 0) -> dict:
+    """What the metrics read for real data, at the end-of-run sample count (or `count`):
+    'fd_data': FD of training examples vs the held-out split, with 'data_count' of them (the
+    count, or all when the split is smaller); 'memorised': the held-out split's own share;
+    'fd_teacher': the teacher against itself with two other noise seeds (when one is set)."""
+    count = count or self.final_num_samples
+    out = {}
+    if self.training_source is not None:
+      if count not in self._data_floors:
+        train = pipeline.all_examples(self.training_source, count)["x"]
+        self._data_floors[count] = dict(
+            fd_data=frechet.frechet_distance_from_stats(
+                *frechet.gaussian_stats(self.features(train)), *self.reference_stats),
+            data_count=len(train))
+      out.update(self._data_floors[count], memorised=self.neighbour_reference["floor"])
+    if self.teacher is not None:
+      out["fd_teacher"] = frechet.frechet_distance(self.teacher_features(count),
+                                                   self.teacher_features(count, draw=1))
+    return out
+
   def evaluate(self, params, num_steps: int, mode: str = "ddim", final: bool = False):
-    """({'fd': ..., ['swd': ...], ['ms_per_sample': ...]}, samples) for `num_steps`-step sampling;
+    """(`fd_of`'s metrics [+ 'ms_per_sample'], samples) for `num_steps`-step sampling;
     `final`: with `final_num_samples` (the end-of-run tables, which also get the sampling speed),
     else `num_samples` (evaluations during training)."""
     count = self.final_num_samples if final else self.num_samples
@@ -109,6 +188,13 @@ class FDEvaluator:
     """ms per sample for an end-of-run table: timed within `result`'s evaluation when it had a
     full batch after the first, else by `time_sampling`."""
     return result.get("ms_per_sample") or time_sampling(self.sampler, params, num_steps, mode=mode)
+
+
+def _subset(size: int, limit: int):
+  """Indices of a fixed random subset of `limit` of `size` examples (all when limit is 0 or more)."""
+  if not limit or size <= limit:
+    return np.arange(size)
+  return np.sort(np.random.RandomState(0).choice(size, limit, replace=False))
 
 
 def image_grid(samples, columns: int = 10, max_images: int = 100):

@@ -1,6 +1,7 @@
 """What every method's driver shares: the run skeleton (compile, initial state, best checkpoint,
 the one loop fed by one Settings), the FD callback for evaluations during training, the end-of-run
-FD / speed table, the summary writer and the export of what sampling needs."""
+FD / speed table with its metric cells and floors, the summary writer and the export of what
+sampling needs."""
 from __future__ import annotations
 
 import dataclasses
@@ -81,8 +82,9 @@ def train(exp, objective, settings: loop.Settings, *, workdir: str, train_data, 
 
 
 def fd_callback(exp, steps_list, prefix: str = "", mode: str = "ddim"):
-  """evaluate(params, step) -> ({'fd_<N>steps': ...}, {'samples': grid of the first N}) for the
-  loop; `mode` is the sampler ('renoise' for DMD2 generators)."""
+  """evaluate(params, step) -> ({'fd_<N>steps': ..., and the evaluator's other metrics (memorised,
+  precision, recall, [fd_teacher]) likewise}, {'samples': grid of the first N}) for the loop;
+  `mode` is the sampler ('renoise' for DMD2 generators)."""
   def evaluate(params, step):
     scalars, grid = {}, None
     for n in steps_list:
@@ -96,16 +98,15 @@ def fd_callback(exp, steps_list, prefix: str = "", mode: str = "ddim"):
 
 
 def fd_table(exp, params, steps_list, *, mode: str = "ddim", last_eval=None, name: str = ""):
-  """End-of-run rows {steps, fd, [swd], ms_per_sample, seconds} on eval.final_num_samples samples;
-  a training evaluation in `last_eval` of the same sample count is reused, not redone. Sample
-  grids go to `<workdir>/<name>samples_<N>steps.png`."""
+  """End-of-run rows {steps, fd, [swd], [fd_teacher], [memorised, precision, recall],
+  ms_per_sample, seconds} on eval.final_num_samples samples; a training evaluation in `last_eval`
+  of the same sample count with every metric is reused, not redone. Sample grids go to
+  `<workdir>/<name>samples_<N>steps.png`."""
   rows = []
   for n in steps_list:
     start = time.time()
-    reused = (last_eval or {}).get(f"fd_{n}steps") if exp.evaluator.final_reuses_training_count else None
-    if reused is not None:
-      result = {"fd": reused}
-    else:
+    result = reused_evaluation(exp, last_eval, n)
+    if result is None:
       result, samples = exp.evaluator.evaluate(params, n, mode, final=True)
       eval_lib.save_png(eval_lib.image_grid(samples),
                         os.path.join(exp.workdir, f"{name}samples_{n}steps.png"))
@@ -117,13 +118,56 @@ def fd_table(exp, params, steps_list, *, mode: str = "ddim", last_eval=None, nam
   return rows
 
 
+def reused_evaluation(exp, last_eval, n):
+  """The metrics of `last_eval`'s n-step evaluation when an end-of-run table may reuse it (the
+  same sample count, and FD (teacher) in it when a teacher is set), else None."""
+  suffix = f"_{n}steps"
+  result = {k[:-len(suffix)]: v for k, v in (last_eval or {}).items() if k.endswith(suffix)}
+  if (not exp.evaluator.final_reuses_training_count or "fd" not in result
+      or (exp.evaluator.teacher is not None and "fd_teacher" not in result)):
+    return None
+  return result
+
+
+METRIC_HEADER = ("FD (data)", "FD (teacher)", "memorised", "precision", "recall")
+METRIC_KEYS = ("fd", "fd_teacher", "memorised", "precision", "recall")
+
+
+def metric_cells(result) -> list:
+  """A table row's METRIC_HEADER cells from evaluation metrics ('' where one is absent)."""
+  return [("" if result.get(k) is None else f"{result[k]:.4g}" if k.startswith("fd")
+           else f"{result[k]:.3f}") for k in METRIC_KEYS]
+
+
+def floor_lines(exp) -> list:
+  """The summary's footer: what the metrics read for real data and for the teacher itself."""
+  floors, count = exp.evaluator.floors(), exp.evaluator.final_num_samples
+  lines = []
+  if "fd_data" in floors:
+    counted = (f"{count}" if floors["data_count"] == count
+               else f"all {floors['data_count']} (fewer than {count})")
+    lines.append(f"Floors: FD (data) of real training examples ({counted}) vs the held-out split: "
+                 f"{floors['fd_data']:.4g}; memorised share of the held-out split itself: "
+                 f"{floors['memorised']:.3f}.")
+  if "fd_teacher" in floors:
+    params, steps, mode = exp.evaluator.teacher
+    lines.append(f"FD (teacher) is to {count} samples of the teacher ({steps} {mode} steps, other "
+                 f"noise seeds); its floor, the teacher against itself: {floors['fd_teacher']:.4g}.")
+  return lines
+
+
+def table_lines(header, rows) -> list:
+  """A markdown table: header and rows of cells ('' cells stay blank)."""
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["|" + "|".join(f" {cell} " if cell != "" else " " for cell in row) + "|" for row in rows])
+
+
 def write_summary(workdir: str, title: str, intro, header, rows, footer=()):
   """summary.md: a title, intro lines, a markdown table (header and rows of cells), footer lines."""
   if jax.process_index() != 0:
     return
   lines = [f"# {title}", ""] + [line for text in intro for line in (text, "")]
-  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["|" + "|".join(f" {cell} " if cell != "" else " " for cell in row) + "|" for row in rows]
+  lines += table_lines(header, rows)
   if footer:
     lines += [""] + list(footer)
   text = "\n".join(lines) + "\n"

@@ -131,6 +131,7 @@ def train(config, workdir: str):
   d = config.dmd
   mode = sampling_mode(config)
   teacher = teachers.load_teacher(exp)
+  exp.evaluator.set_teacher(teacher, config.teacher.sampling_steps)
   num_steps = config.train.num_steps
   objective = make_objective(exp, num_steps)
   regression, regression_sharding = None, None
@@ -166,8 +167,9 @@ def train(config, workdir: str):
       [f"{num_steps} train steps ({num_steps // d.critic_updates_per_generator} generator "
        f"updates), wall time {trained.seconds / 60:.1f} min (this invocation); FD on "
        f"{exp.evaluator.final_num_samples} samples vs the held-out split"],
-      ["model", "steps", "FD", "ms / sample"],
-      [[name, r["steps"], f"{r['fd']:.4g}", f"{r['ms_per_sample']:.3f}"] for name, r in rows],
-      [f"Best evaluated {d.generator_steps}-step FD in this invocation: {best.value:.4g} at step "
-       f"{best.step} (kept in {workdir}/best)."] if best.step is not None else [])
+      ["model", "steps", *common.METRIC_HEADER, "ms / sample"],
+      [[name, r["steps"], *common.metric_cells(r), f"{r['ms_per_sample']:.3f}"] for name, r in rows],
+      ([f"Best evaluated {d.generator_steps}-step FD in this invocation: {best.value:.4g} at step "
+        f"{best.step} (kept in {workdir}/best)."] if best.step is not None else [])
+      + common.floor_lines(exp))
   return generator

@@ -219,6 +219,9 @@ def train(config, workdir: str):
       meta={"method": "multi_teacher", "weights": dict(zip(ids, map(float, weights)))})
   student = objective.eval_params(trained.state, frozen)
   common.export(student, config, os.path.join(workdir, EXPORT), "ddim", config.eval.final_steps[-1])
+  reference = ids[int(np.argmax(weights))]      # FD (teacher): to the heaviest teacher's samples
+  exp.evaluator.set_teacher(teachers.load_checkpoint(
+      mt.teachers[reference].checkpoint, exp.abstract_params(), config), config.teacher.sampling_steps)
   rows = common.fd_table(exp, student, config.eval.final_steps)
   evaluated = {i: dict(weight=float(w), checkpoint=mt.teachers[i].checkpoint) for i, w in zip(ids, weights)}
   if mt.evaluate_teachers:     # every teacher at the student's step counts: the comparison
@@ -228,16 +231,19 @@ def train(config, workdir: str):
           r["steps"]: exp.evaluator.evaluate(params, r["steps"], final=True)[0]["fd"] for r in rows}
       logging.info("Teacher %s: FD %s", teacher_id, evaluated[teacher_id]["fd"])
   write_result(workdir, config, rows, evaluated, trained.seconds, caches,
-               exp.evaluator.final_num_samples)
+               exp.evaluator.final_num_samples, reference, common.floor_lines(exp))
   return student
 
 
-def write_result(workdir, config, rows, evaluated, train_seconds, caches, fd_samples):
-  """result.json and summary.md: the student's FD per step count next to every teacher's."""
+def write_result(workdir, config, rows, evaluated, train_seconds, caches, fd_samples, reference,
+                 floor_lines):
+  """result.json and summary.md: the student's FD per step count next to every teacher's, then
+  the student's every metric (FD (teacher): to teacher `reference`) and the floors."""
   if jax.process_index() != 0:
     return
   files.write_json(os.path.join(workdir, "result.json"), dict(
       student=rows, teachers=evaluated, teacher_sampling_steps=config.teacher.sampling_steps,
+      fidelity_teacher=reference,
       train_steps=config.train.num_steps, train_seconds=train_seconds,
       cached_examples=caches.latents["num_records"] * caches.noise_draws))
   with_fd = {i: t for i, t in evaluated.items() if "fd" in t}
@@ -252,4 +258,8 @@ def write_result(workdir, config, rows, evaluated, train_seconds, caches, fd_sam
       [f"{config.train.num_steps} train steps on {caches.latents['num_records']} samples x "
        f"{caches.noise_draws} cached noise draws, {train_seconds / 60:.1f} min (this invocation); "
        f"FD (DDIM) on {fd_samples} samples vs the held-out split"],
-      ["model", "weight", *(f"FD, {r['steps']} steps" for r in rows)], table)
+      ["model", "weight", *(f"FD, {r['steps']} steps" for r in rows)], table,
+      [f"The student against teacher {reference} (the heaviest):", ""]
+      + common.table_lines(["steps", *common.METRIC_HEADER],
+                           [[r["steps"], *common.metric_cells(r)] for r in rows])
+      + [""] + floor_lines)

@@ -161,6 +161,7 @@ def train(config, workdir: str):
   p = config.progressive
   original_teacher = teachers.load_teacher(exp)
   steps = step_schedule(config, config.teacher.sampling_steps)
+  exp.evaluator.set_teacher(original_teacher, steps[0])
   num_stages = len(steps) - 1
   train_steps = stage_train_steps(config, num_stages, len(exp.train_source.records))
   logging.info("Progressive schedule %s (%s), train steps per stage %s",
@@ -181,7 +182,7 @@ def train(config, workdir: str):
   teacher_ms = exp.evaluator.speed(teacher_result, original_teacher, steps[0])
   logging.info("Original teacher: %d DDIM steps, FD %.4g, %.3f ms/sample", steps[0], teacher_fd, teacher_ms)
   rows = [dict(stage="teacher", steps=steps[0], student_fd=teacher_fd, ddim_fd=teacher_fd,
-               ms_per_sample=teacher_ms, speedup=1.0)]
+               ms_per_sample=teacher_ms, speedup=1.0, **other_metrics(teacher_result))]
 
   teacher = original_teacher
   if p.start_stage > 0 and not config.teacher.checkpoint:
@@ -264,7 +265,8 @@ def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_m
   save_png(image_grid(ddim_samples), os.path.join(directory, "ddim_teacher_samples.png"))
   ms = exp.evaluator.speed(last_eval["result"], student, n_student)
   row = dict(stage=k, steps=n_student, student_fd=float(student_fd), ddim_fd=ddim_result["fd"],
-             ms_per_sample=ms, speedup=teacher_ms / ms, evaluated_with=evaluated_with)
+             ms_per_sample=ms, speedup=teacher_ms / ms, evaluated_with=evaluated_with,
+             **other_metrics(last_eval["result"]))
   exp.writer.write_scalars(k, {"summary/student_fd": row["student_fd"],
                                "summary/ddim_teacher_fd": row["ddim_fd"],
                                "summary/ms_per_sample": ms})
@@ -275,14 +277,21 @@ def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_m
   return row
 
 
+def other_metrics(result) -> dict:
+  """The student FD's companions in a stage row: FD (teacher), memorised, precision, recall."""
+  return {k: float(result[k]) for k in common.METRIC_KEYS[1:] if k in result}
+
+
 def write_summary(workdir, rows, seconds, steps, exp):
   common.write_summary(
       workdir, f"Progressive distillation: {exp.config.preset}",
       [f"schedule {' -> '.join(map(str, steps))}, wall time {seconds / 60:.1f} min "
        f"(this invocation), FD on {exp.evaluator.final_num_samples} samples vs the held-out split"],
-      ["stage", "steps", "student FD", "DDIM teacher FD (same steps)", "ms / sample", "speedup"],
-      [[r["stage"], r["steps"], f"{r['student_fd']:.4g}", f"{r['ddim_fd']:.4g}",
-        f"{r['ms_per_sample']:.3f}", f"{r['speedup']:.1f}x"] for r in rows])
+      ["stage", "steps", *common.METRIC_HEADER, "DDIM teacher FD (same steps)", "ms / sample",
+       "speedup"],
+      [[r["stage"], r["steps"], *common.metric_cells(dict(r, fd=r["student_fd"])),
+        f"{r['ddim_fd']:.4g}", f"{r['ms_per_sample']:.3f}", f"{r['speedup']:.1f}x"] for r in rows],
+      common.floor_lines(exp))
   if jax.process_index() == 0:
     plot_fd_vs_steps(rows, os.path.join(workdir, "fd_vs_steps.png"))
 

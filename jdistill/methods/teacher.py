@@ -8,7 +8,6 @@ import os
 from jdistill import config as config_lib
 from jdistill import curriculum as curriculum_lib
 from jdistill.config import check
-from jdistill.data import pipeline
 from jdistill.methods import common
 from jdistill.models.lora import make_lora
 from jdistill.objectives.denoising import DenoisingFrozen, DenoisingObjective
@@ -64,15 +63,15 @@ def train(config, workdir: str):
       meta={"method": "teacher", "config": config.to_json()})
   params = objective.eval_params(trained.state, frozen)
   common.export(params, config, os.path.join(workdir, EXPORT), "ddim", config.teacher.sampling_steps)
+  exp.evaluator.set_teacher(params, config.teacher.sampling_steps)   # FD (teacher): to itself
   rows = common.fd_table(exp, params, config.eval.final_steps)
-  floor = exp.evaluator.fd_of(pipeline.all_examples(exp.train_source, config.eval.num_samples)["x"])
-  extras = [k for k in rows[0] if k not in ("steps", "fd", "ms_per_sample", "seconds")]
+  extras = ["swd"] if "swd" in rows[0] else []
   common.write_summary(
       workdir, f"Teacher: {config.preset}",
-      [f"training wall time: {trained.seconds / 60:.1f} min, {config.train.num_steps} steps",
-       f"real-data floor (train split vs held-out, {config.eval.num_samples} vs "
-       f"{len(exp.test_source.records)}): FD {floor['fd']:.4g}"],
-      ["DDIM steps", "FD", *extras, "ms / sample", "seconds"],
-      [[r["steps"], f"{r['fd']:.4g}", *(f"{r[k]:.4g}" for k in extras), f"{r['ms_per_sample']:.3f}",
-        f"{r['seconds']:.1f}"] for r in rows])
+      [f"training wall time: {trained.seconds / 60:.1f} min, {config.train.num_steps} steps; "
+       f"metrics on {exp.evaluator.final_num_samples} samples vs the held-out split"],
+      ["DDIM steps", *common.METRIC_HEADER, *extras, "ms / sample", "seconds"],
+      [[r["steps"], *common.metric_cells(r), *(f"{r[k]:.4g}" for k in extras),
+        f"{r['ms_per_sample']:.3f}", f"{r['seconds']:.1f}"] for r in rows],
+      common.floor_lines(exp))
   return params

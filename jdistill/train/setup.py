@@ -81,7 +81,9 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
   fd = None
   if evaluator:
     fd = FDEvaluator(sampler, test_source, config.eval.features, config.eval.num_samples,
-                     config.eval.inception_weights, final_num_samples=config.eval.get("final_num_samples", 0))
+                     config.eval.inception_weights, final_num_samples=config.eval.get("final_num_samples", 0),
+                     training_source=train_source,
+                     neighbour_examples=config.eval.get("neighbour_examples", 0))
   return Experiment(config, workdir, mesh, train_source, test_source, denoiser, schedule, writer,
                     sampler, fd)
 
