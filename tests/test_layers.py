@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jdistill")
 LAYERS = [
-    ("files", "errors", "partitioning", "lock"),
+    ("files", "errors", "partitioning", "lock", "resume"),
     ("diffusion", "models", "data", "curriculum"),
     ("objectives", "eval", "config"),
     ("train",),
