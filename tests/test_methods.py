@@ -70,7 +70,7 @@ def run_steps(name, config, tmp_path, steps):
   elif name == "progressive":
     objective = pd_method.make_objective(exp)
     frozen = pd.ProgressiveFrozen(teacher=init, student_base=init if lora else None)
-    stage = pd.ProgressiveStage(jnp.int32(2), jnp.int32(10), jnp.int32(2))
+    stage = pd.make_stage(pd.nested_grids([4, 2]), 0, 10)
   elif name == "dmd":
     objective = dm_method.make_objective(exp, 10)
     frozen = dm.DistributionMatchingFrozen(teacher=init)
