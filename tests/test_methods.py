@@ -178,7 +178,7 @@ def worsening_fd(monkeypatch):
   """Every evaluation scores worse than the one before (the first is the best)."""
   scores = iter(range(1000))
 
-  def evaluate(self, params, num_steps, mode="ddim", final=False):
+  def evaluate(self, params, num_steps, mode="ddim", final=False, grid=None):
     count = self.final_num_samples if final else self.num_samples
     return {"fd": float(next(scores)), "ms_per_sample": 1.0}, np.zeros((count, *self.sampler.data_shape))
   monkeypatch.setattr(FDEvaluator, "evaluate", evaluate)

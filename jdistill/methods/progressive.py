@@ -258,7 +258,7 @@ def grid_times(grids, k):
 
 
 def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, last_eval,
-              grid):
+              grid=None):
   """Stage results (cached in <stage>/result.json so a resumed run does not recompute them, unless
   the run now evaluates differently); `last_eval` holds the loop's end-of-stage evaluation of
   `student` (on its `grid`) unless the stage was already trained before this invocation."""
