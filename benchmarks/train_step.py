@@ -33,7 +33,7 @@ from benchmarks import common  # noqa: E402
 KINDS = ("teacher", "progressive", "dmd")
 # forward-pass equivalents per example (backward = 2 forwards), for the run-time estimate only
 FORWARDS = {"teacher": 3, "progressive": 5, "dmd": 9}
-PROGRESSIVE_STAGE = dict(student_steps=4, num_steps=1000, teacher_substeps=2)
+PROGRESSIVE_STEPS = (8, 4)      # one two-step stage: the teacher takes 2 DDIM steps per student step
 
 
 def make_config(kind: str, size: str, resolution: int, batch: int, dtype: str):
@@ -99,7 +99,7 @@ class Ours:
     else:
       if kind == "progressive":
         objective = progressive.make_objective(exp)
-        self.stage = pd.ProgressiveStage(**{k: jnp.int32(v) for k, v in PROGRESSIVE_STAGE.items()})
+        self.stage = pd.make_stage(pd.nested_grids(PROGRESSIVE_STEPS), 0, 1000)
         frozen = pd.ProgressiveFrozen
       else:
         objective = distribution_matching.make_objective(exp, 1000)
@@ -125,7 +125,7 @@ class Ours:
     if kind == "progressive":     # XLA counts the teacher's fori_loop body once: add the others
       forward = jax.jit(lambda p, z, l: denoiser.predict(p, z, l)).lower(
           teacher, self.batch["x"], jnp.zeros((batch,))).cost_analysis()
-      self.flops += (PROGRESSIVE_STAGE["teacher_substeps"] - 1) * forward["flops"]
+      self.flops += (int(self.stage.teacher_substeps) - 1) * forward["flops"]
 
   def step(self):
     import jax

@@ -100,11 +100,16 @@ class AdaptiveCurriculumScheduler:
   def discrete_weight(self, state, index, num_steps):
     """Importance weight of a discrete index i = floor(u N) drawn through `sample`:
     (1/N) / P(i), with P(i) the mixture's mass on [i/N, (i+1)/N)."""
+    n = jnp.asarray(num_steps, jnp.float32)
+    return self.interval_weight(state, index / n, (index + 1) / n, num_steps)
+
+  def interval_weight(self, state, lo, hi, num_steps):
+    """Importance weight of the interval [lo, hi) of an N-interval grid, picked by the u drawn
+    through `sample`: (1/N) / the mixture's mass on [lo, hi)."""
     if not self.importance_weighting:
-      return jnp.ones(index.shape)
+      return jnp.ones(lo.shape)
     r = self.num_regions
     n = jnp.asarray(num_steps, jnp.float32)
-    lo, hi = index / n, (index + 1) / n
     edges = jnp.arange(r + 1) / r
     overlap = jnp.clip(jnp.minimum(hi[:, None], edges[None, 1:]) -
                        jnp.maximum(lo[:, None], edges[None, :-1]), 0.0, None)    # (B, R)

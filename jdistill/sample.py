@@ -9,7 +9,8 @@ and a PNG grid next to it; with --fd, also prints their FD against the held-out 
 feature space (re-measure any checkpoint at a larger sample count).
 
 An exported model (.msgpack plus the .json every method writes next to it) is enough on its own:
-the JSON holds the model, diffusion and data config and how the model samples (mode, steps). With
+the JSON holds the model, diffusion and data config and how the model samples (mode, steps, and
+the time grid of a progressive student, used unless --num_steps asks for another count). With
 --workdir the config is the run's config.json and the params default to the run's exported model
 (progressive: its last finished stage's student); --checkpoint may also name an Orbax checkpoints
 directory or a run directory.
@@ -107,9 +108,11 @@ def main(argv):
   if not num_steps:
     raise app.UsageError("--num_steps is required (this checkpoint does not say how it samples)")
   mode = FLAGS.mode or sampling.get("mode") or methods.get(config.method).sampling_mode(config)
+  grid = sampling.get("grid") if num_steps == sampling.get("steps") else None
   workdir = FLAGS.workdir or os.path.dirname(os.path.abspath(checkpoint))
   exp = setup.build(config, workdir, evaluator=FLAGS.fd, record_config=False)
-  logging.info("Sampling %d x %d steps (%s) from %s", FLAGS.num_samples, num_steps, mode, checkpoint)
+  logging.info("Sampling %d x %d steps (%s, %s grid) from %s", FLAGS.num_samples, num_steps, mode,
+               "uniform" if grid is None else "the exported", checkpoint)
   params = load_params(exp, checkpoint)
 
   def draw(seed):
@@ -117,7 +120,7 @@ def main(argv):
     if exp.denoiser.num_classes:
       labels = np.random.RandomState(seed).randint(0, exp.denoiser.num_classes, FLAGS.num_samples)
     return exp.sampler.sample(params, num_steps, FLAGS.num_samples, seed, labels=labels,
-                              mode=mode), labels
+                              mode=mode, grid=grid), labels
 
   samples, labels = draw(FLAGS.seed)
   stored = eval_lib.to_uint8(samples) if samples.ndim == 4 else samples.astype(np.float32)

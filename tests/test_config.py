@@ -215,21 +215,22 @@ def test_explicit_schedule_near_two_is_quiet(warnings_log):
   assert _schedule_warnings(warnings_log) == []
 
 
-def test_explicit_schedule_far_from_two_warns(warnings_log):
-  assert step_schedule(progressive("16,4,2,1"), 64) == [16, 4, 2, 1]
-  messages = _schedule_warnings(warnings_log)
-  assert len(messages) == 1
-  assert "progressive stage 0" in messages[0] and "16 -> 4" in messages[0]
-  assert "4.00" in messages[0]
-  warnings_log.clear()
-  assert step_schedule(progressive("8,4,3,1"), 64) == [8, 4, 3, 1]
-  messages = _schedule_warnings(warnings_log)
-  assert len(messages) == 2
-  assert "stage 1 (4 -> 3" in messages[0] and "stage 2 (3 -> 1" in messages[1]
+@pytest.mark.parametrize("steps,two_step,message", [
+    ("16,4,2,1", True, r"stage 0 \(16 -> 4 steps\) cannot nest: .* 16 steps distil into 8"),
+    ("8,4,3,1", True, r"stage 1 \(4 -> 3 steps\) cannot nest: .* 4 steps distil into 2"),
+    ("25,12,6", True, r"stage 0 \(25 -> 12 steps\) cannot nest: .* 25 steps distil into 13; "
+                      r"the chain from 25 is \[25, 13, 7, 4, 2, 1\]"),
+    ("16,5,1", False, r"stage 0 \(16 -> 5 steps\) cannot nest: the direct variant's students sit "
+                      r"on grids of the halving chain from 16, \[16, 8, 4, 2, 1\]"),
+])
+def test_schedule_that_cannot_nest_is_refused(steps, two_step, message):
+  with pytest.raises(ScheduleError, match=r"config\.progressive\.steps: " + message):
+    step_schedule(progressive(steps, two_step=two_step), 64)
 
 
-def test_direct_variant_does_not_warn(warnings_log):
+def test_direct_variant_may_skip_counts_of_the_halving_chain(warnings_log):
   assert step_schedule(progressive("16,4,2,1", two_step=False), 64) == [16, 4, 2, 1]
+  assert step_schedule(progressive("25,7,1", two_step=False), 64) == [25, 7, 1]
   assert _schedule_warnings(warnings_log) == []
 
 

@@ -71,7 +71,7 @@ def run_steps(name, config, tmp_path, steps):
   elif name == "progressive":
     objective = pd_method.make_objective(exp)
     frozen = pd.ProgressiveFrozen(teacher=init, student_base=init if lora else None)
-    stage = pd.ProgressiveStage(jnp.int32(2), jnp.int32(10), jnp.int32(2))
+    stage = pd.make_stage(pd.nested_grids([4, 2]), 0, 10)
   elif name == "dmd":
     objective = dm_method.make_objective(exp, 10)
     frozen = dm.DistributionMatchingFrozen(teacher=init)
@@ -179,7 +179,7 @@ def worsening_fd(monkeypatch):
   """Every evaluation scores worse than the one before (the first is the best)."""
   scores = iter(range(1000))
 
-  def evaluate(self, params, num_steps, mode="ddim", final=False):
+  def evaluate(self, params, num_steps, mode="ddim", final=False, grid=None):
     count = self.final_num_samples if final else self.num_samples
     return {"fd": float(next(scores)), "ms_per_sample": 1.0}, np.zeros((count, *self.sampler.data_shape))
   monkeypatch.setattr(FDEvaluator, "evaluate", evaluate)

@@ -80,6 +80,32 @@ def test_an_exported_model_samples_alone_without_its_run(tiny_teacher_run, tmp_p
   assert missing.returncode != 0 and "none.json next to it" in missing.stderr
 
 
+def test_an_exported_grid_is_sampled_on(tiny_teacher_run, tmp_path):
+  """A progressive student's JSON records its nested grid; jdistill.sample draws on it (not on the
+  uniform grid) unless --num_steps asks for another count."""
+  import json
+  from jdistill.eval.evaluate import to_uint8
+  config, workdir, params = tiny_teacher_run
+  exported = json.load(open(os.path.join(workdir, "teacher.json")))
+  grid = [0.0, 0.12, 0.44, 1.0]
+  exported["sampling"] = {"mode": "ddim", "steps": 3, "grid": grid}
+  with open(os.path.join(tmp_path, "student.json"), "w") as f:
+    json.dump(exported, f)
+  with open(os.path.join(workdir, "teacher.msgpack"), "rb") as src, \
+       open(os.path.join(tmp_path, "student.msgpack"), "wb") as dst:
+    dst.write(src.read())
+  out = str(tmp_path / "s.npz")
+  result = subprocess.run([sys.executable, "-m", "jdistill.sample",
+                           f"--checkpoint={tmp_path}/student.msgpack", "--num_samples=12",
+                           f"--out={out}"], env=ENV, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  exp = setup.build(config, str(tmp_path / "check"), evaluator=False, record_config=False)
+  on_grid = to_uint8(exp.sampler.sample(params, 3, 12, 0, grid=grid))
+  np.testing.assert_array_equal(np.load(out)["samples"], on_grid)
+  assert not np.array_equal(on_grid, to_uint8(exp.sampler.sample(params, 3, 12, 0)))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--num_steps=0"], "flag --num_steps=0: 0 is not a positive integer"),
     (["--num_steps=-4"], "flag --num_steps=-4: -4 is not a positive integer"),

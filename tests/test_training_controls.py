@@ -72,7 +72,7 @@ def test_lora_student_trains_only_adapters_and_keeps_the_base_bit_identical(toy_
   state = jax.jit(objective.new_state)(teacher)
   assert set(state.params) == {"Dense_1/kernel", "Dense_2/kernel"}   # the optimizer sees only adapters
   frozen = progressive_math.ProgressiveFrozen(teacher=teacher, student_base=teacher)
-  stage = progressive_math.ProgressiveStage(jnp.int32(2), jnp.int32(30), jnp.int32(2))
+  stage = progressive_math.make_stage(progressive_math.nested_grids([4, 2]), 0, 30)
   from jdistill.data import pipeline
   from jdistill import partitioning
   iterator = pipeline.make_iterator(exp.train_data())
@@ -178,7 +178,7 @@ def test_feature_distillation_trains_on_unet_activations(tmp_path):
   teacher = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), teacher)
   student = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape), teacher)
   state = jax.jit(objective.new_state)(student)
-  stage = progressive_math.ProgressiveStage(jnp.int32(2), jnp.int32(10), jnp.int32(2))
+  stage = progressive_math.make_stage(progressive_math.nested_grids([4, 2]), 0, 10)
   batch = {"x": np.asarray(exp.train_source.records.x[:16]), "label": np.zeros(16, np.int32)}
   losses = []
   for i in range(10):

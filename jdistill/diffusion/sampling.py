@@ -1,6 +1,8 @@
 """Samplers: the deterministic DDIM step, an N-step DDIM sampler with N traced, and DDPM ancestral.
 
-Time runs on the uniform grid t_i = i / N; step i goes t = (i+1)/N -> s = i/N.
+Time runs on a grid 0 = t_0 < t_1 < ... < t_N = 1, by default the uniform t_i = i / N; step i goes
+t_{i+1} -> t_i. A non-uniform grid (progressive distillation's nested grids) is a traced array,
+padded to a fixed length so one compilation serves every grid.
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdistill.diffusion.parameterization import Prediction, broadcast_to_data, clip_x0
 from jdistill.diffusion.schedules import alpha_sigma
@@ -51,6 +54,36 @@ def ddim_segment(predict_fn: PredictFn, schedule, z_t, t, s, substeps):
   return jax.lax.fori_loop(0, substeps, body, (z_t, jnp.zeros_like(z_t)))
 
 
+def ddim_chain(predict_fn: PredictFn, schedule, z, grid, start, stop, max_steps):
+  """Deterministic DDIM steps from `grid[start]` down to `grid[stop]` through every grid point
+  between (`start`, `stop`: per-example indices; `max_steps` >= start - stop, may be traced).
+
+  Returns (z at grid[stop], x prediction of the last step)."""
+  def body(j, carry):
+    z, x = carry
+    active = broadcast_to_data(start - j > stop, z)
+    k = jnp.maximum(start - j, 1)
+    pred = predict_fn(z, schedule(grid[k]))
+    z_next = ddim_step(pred, schedule(grid[k - 1]))
+    return jnp.where(active, z_next, z), jnp.where(active, pred.x0, x)
+  return jax.lax.fori_loop(0, max_steps, body, (z, jnp.zeros_like(z)))
+
+
+GRID_LENGTH = 1025        # grids of up to 1024 steps share one shape, so one compilation
+
+
+def padded_grid(grid, num_steps: int, length: int = GRID_LENGTH):
+  """A sampling grid 0 = t_0 < ... < t_N = 1 (N = `num_steps`) as float32, padded with 1.0 to at
+  least `length` points; ValueError naming what is wrong otherwise."""
+  grid = np.asarray(grid, np.float64)
+  if grid.shape != (num_steps + 1,):
+    raise ValueError(f"sampling grid: {num_steps} steps need {num_steps + 1} time points, got "
+                     f"shape {grid.shape}")
+  if grid[0] != 0.0 or grid[-1] != 1.0 or np.any(np.diff(grid) <= 0):
+    raise ValueError(f"sampling grid: must rise strictly from 0 to 1, got {grid.tolist()}")
+  return np.concatenate([grid, np.ones(max(0, length - len(grid)))]).astype(np.float32)
+
+
 def ddim_x_target(z_t, z_s, x_at_end, logsnr_t, logsnr_s, s):
   """The x that takes one DDIM step z_t -> z_s exactly; `x_at_end` where s = 0:
 
@@ -72,11 +105,12 @@ def renoise_step(pred: Prediction, logsnr_s, noise):
 
 
 def sample(predict_fn: PredictFn, schedule, noise, num_steps, *, clip_x: bool = True,
-           rng: Optional[jax.Array] = None, mode: Optional[str] = None):
+           rng: Optional[jax.Array] = None, mode: Optional[str] = None, grid=None):
   """Integrates from z_1 = noise to x in `num_steps` steps.
 
   `num_steps` may be a traced int: the loop is a `lax.fori_loop` with a dynamic trip count, so
-  one compilation serves every step count. `mode`: 'ddim' (deterministic; the default without
+  one compilation serves every step count. `grid`: the time points t_0 = 0 < ... < t_N = 1 (an
+  array, may be traced and padded past N; `padded_grid`), default the uniform t_i = i / N. `mode`: 'ddim' (deterministic; the default without
   `rng`), 'ancestral' (DDPM; the default with `rng`) or 'renoise' (x_hat re-noised with fresh
   noise). The last step returns the x prediction itself (at s = 0, z_s = x_hat).
   """
@@ -86,11 +120,15 @@ def sample(predict_fn: PredictFn, schedule, noise, num_steps, *, clip_x: bool = 
   if mode != "ddim" and rng is None:
     raise ValueError(f"sampling mode {mode!r} needs an rng")
   num_steps = jnp.asarray(num_steps, jnp.int32)
+  grid = None if grid is None else jnp.asarray(grid, jnp.float32)
   batch = noise.shape[0]
 
   def body(i, z):
-    t = (num_steps - i).astype(jnp.float32) / num_steps
-    s = (num_steps - i - 1).astype(jnp.float32) / num_steps
+    if grid is None:
+      t = (num_steps - i).astype(jnp.float32) / num_steps
+      s = (num_steps - i - 1).astype(jnp.float32) / num_steps
+    else:
+      t, s = grid[num_steps - i], grid[num_steps - i - 1]
     logsnr_t = jnp.full((batch,), schedule(t))
     logsnr_s = jnp.full((batch,), schedule(s))
     pred = predict_fn(z, logsnr_t)

@@ -20,25 +20,32 @@ from jdistill.eval import neighbours
 
 class Sampler:
   """Draws samples from a denoiser with an N-step sampler (DDIM, ancestral or re-noise), N traced:
-  one compilation."""
+  one compilation (and one more for sampling on given grids, padded to one shape)."""
 
   def __init__(self, denoiser, schedule, data_shape, *, clip_x=True, guidance=0.0, batch_size=500):
     self.denoiser, self.schedule, self.data_shape = denoiser, schedule, tuple(data_shape)
     self.clip_x, self.guidance, self.batch_size = clip_x, guidance, batch_size
 
   @functools.partial(jax.jit, static_argnums=(0, 5))
-  def _sample_batch(self, params, noise, label, num_steps, mode, rng):
+  def _sample_batch(self, params, noise, label, num_steps, mode, rng, grid):
     # step-conditioned generators (TDM-unify) are told the step count; other params ignore it
     predict = lambda z, logsnr: self.denoiser.predict_guided(
         params, z, logsnr, label, self.guidance, jnp.full((z.shape[0],), num_steps, jnp.int32))
     return sampling.sample(predict, self.schedule, noise, num_steps, clip_x=self.clip_x,
-                           rng=None if mode == "ddim" else rng, mode=mode)
+                           rng=None if mode == "ddim" else rng, mode=mode, grid=grid)
 
   def sample(self, params, num_steps: int, num_samples: int, seed: int = 0,
-             labels: Optional[np.ndarray] = None, mode: str = "ddim", timed: bool = False):
+             labels: Optional[np.ndarray] = None, mode: str = "ddim", timed: bool = False,
+             grid=None):
     """`num_samples` samples in the data range, as numpy; noise and labels depend only on `seed`.
     `mode`: 'ddim', 'ancestral' (DDPM) or 'renoise' (few-step generators). `timed`: (samples,
-    ms per sample over the full batches after the first, which may compile; None without one)."""
+    ms per sample over the full batches after the first, which may compile; None without one).
+    `grid`: the N + 1 sampling time points 0 = t_0 < ... < t_N = 1 (default uniform); a uniform
+    one samples exactly as without it."""
+    if grid is not None:
+      grid = sampling.padded_grid(grid, num_steps)
+      uniform = np.float32(np.arange(num_steps + 1) / num_steps)
+      grid = None if np.array_equal(grid[:num_steps + 1], uniform) else jnp.asarray(grid)
     rng = jax.random.key(seed)
     noise = np.asarray(jax.random.normal(rng, (num_samples, *self.data_shape)))
     if labels is None and self.denoiser.num_classes:
@@ -49,7 +56,7 @@ class Sampler:
       label = None if labels is None else jnp.asarray(labels[chunk], jnp.int32)
       clock = time.perf_counter()
       batch = self._sample_batch(params, jnp.asarray(noise[chunk]), label, jnp.int32(num_steps),
-                                 mode, jax.random.fold_in(rng, start))
+                                 mode, jax.random.fold_in(rng, start), grid)
       if timed:
         jax.block_until_ready(batch)
         if start > 0 and batch.shape[0] == self.batch_size:
@@ -173,12 +180,14 @@ class FDEvaluator:
                                                    self.teacher_features(count, draw=1))
     return out
 
-  def evaluate(self, params, num_steps: int, mode: str = "ddim", final: bool = False):
-    """(`fd_of`'s metrics [+ 'ms_per_sample'], samples) for `num_steps`-step sampling;
+  def evaluate(self, params, num_steps: int, mode: str = "ddim", final: bool = False, grid=None):
+    """(`fd_of`'s metrics [+ 'ms_per_sample'], samples) for `num_steps`-step sampling (on `grid`,
+    default uniform);
     `final`: with `final_num_samples` (the end-of-run tables, which also get the sampling speed),
     else `num_samples` (evaluations during training)."""
     count = self.final_num_samples if final else self.num_samples
-    samples, ms = self.sampler.sample(params, num_steps, count, self.seed, mode=mode, timed=True)
+    samples, ms = self.sampler.sample(params, num_steps, count, self.seed, mode=mode, timed=True,
+                                      grid=grid)
     result = self.fd_of(samples)
     if final and ms is not None:       # the end-of-run tables' speed, from these very batches
       result["ms_per_sample"] = ms

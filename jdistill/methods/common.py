@@ -175,7 +175,11 @@ def write_summary(workdir: str, title: str, intro, header, rows, footer=()):
   logging.info("\n%s", text)
 
 
-def export(params, config, path: str, mode: str, steps: int):
+def export(params, config, path: str, mode: str, steps: int, grid=None):
   """The exported model of a run: `path` (.msgpack) and its JSON, which `jdistill.sample
-  --checkpoint=PATH` reads to rebuild and sample it (`mode`, `steps`) without a run directory."""
-  teachers.export(params, config, path, {"mode": mode, "steps": int(steps)})
+  --checkpoint=PATH` reads to rebuild and sample it (`mode`, `steps`, and its time `grid`
+  where given) without a run directory."""
+  sampling = {"mode": mode, "steps": int(steps)}
+  if grid is not None:
+    sampling["grid"] = [float(t) for t in grid]
+  teachers.export(params, config, path, sampling)

@@ -1,5 +1,6 @@
 """Progressive distillation's driver (`configs/progressive.py`; the math: objectives/progressive.py):
-the step schedule (strict halving, or any list such as 25,13,7,4,2,1) and the stage loop. Each
+the step schedule (strict halving, or a list such as 25,13,7,4,2,1 whose grids nest) and the
+stage loop. Each
 stage trains a student from its teacher through the one loop with one compiled step (the stage's
 step counts are traced), keeps its best checkpoint, exports its student, and adds a row to the
 end-of-run table (FD of the student and of DDIM with the teacher at the same steps, speed)."""
@@ -12,7 +13,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -25,7 +25,8 @@ from jdistill.eval.evaluate import image_grid, save_png
 from jdistill.methods import common
 from jdistill.models.lora import make_lora
 from jdistill.objectives.progressive import (FeatureDistillation, ProgressiveFrozen,
-                                             ProgressiveObjective, ProgressiveStage)
+                                             ProgressiveObjective, halving_chain, make_stage,
+                                             nested_grids)
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup, teachers
 
@@ -40,6 +41,7 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   config.method = "progressive"
   config.progressive = ml_collections.ConfigDict(dict(
       steps="",               # "" = strict halving from teacher.sampling_steps to 1; or "25,13,7,4,2,1"
+                              # (each count ceil(previous / 2); direct: any counts of that chain)
       two_step=True,          # False: the 'direct' variant (targets from the original teacher)
       loss_weighting="snr_trunc",
       steps_per_stage=500,
@@ -104,7 +106,8 @@ def step_schedule(config, teacher_steps: int):
   """The sequence of sampling-step counts: teacher first, then each stage's student.
 
   Default: strict halving from the teacher's steps to 1. Explicit: `config.progressive.steps`
-  like "25,13,7,4,2,1" (teacher first). Ratios far from 2 are accepted with a warning."""
+  like "25,13,7,4,2,1" (teacher first), whose grids must nest (objectives/progressive.py): each
+  count ceil(previous / 2); the direct variant may skip counts of that chain ("64,8,1")."""
   text = str(config.progressive.steps).strip()
   if text:
     try:
@@ -122,11 +125,17 @@ def step_schedule(config, teacher_steps: int):
     raise ScheduleError(f"config.progressive.steps: step counts must be >= 1, got {steps}")
   if any(b >= a for a, b in zip(steps, steps[1:])):
     raise ScheduleError(f"config.progressive.steps: must strictly decrease, got {steps}")
-  if config.progressive.two_step:
-    for k, (a, b) in enumerate(zip(steps, steps[1:])):
-      if not 1.75 <= a / b <= 2.25:
-        logging.warning("progressive stage %d (%d -> %d steps) has ratio %.2f, not ~2: the teacher "
-                        "still takes 2 DDIM steps per student step (on a 1/%d grid)", k, a, b, a / b, 2 * b)
+  chain = halving_chain(steps[0])
+  for k, (a, b) in enumerate(zip(steps, steps[1:])):
+    if config.progressive.two_step and b != -(-a // 2):
+      raise ScheduleError(
+          f"config.progressive.steps: stage {k} ({a} -> {b} steps) cannot nest: each student step "
+          f"spans two of its teacher's steps (one spans a single step where the count is odd), so "
+          f"{a} steps distil into {-(-a // 2)}; the chain from {steps[0]} is {chain}")
+    if b not in chain:
+      raise ScheduleError(
+          f"config.progressive.steps: stage {k} ({a} -> {b} steps) cannot nest: the direct "
+          f"variant's students sit on grids of the halving chain from {steps[0]}, {chain}")
   return steps
 
 
@@ -163,6 +172,7 @@ def train(config, workdir: str):
   steps = step_schedule(config, config.teacher.sampling_steps)
   exp.evaluator.set_teacher(original_teacher, steps[0])
   num_stages = len(steps) - 1
+  grids = nested_grids(steps)
   train_steps = stage_train_steps(config, num_stages, len(exp.train_source.records))
   logging.info("Progressive schedule %s (%s), train steps per stage %s",
                " -> ".join(map(str, steps)), "two-step" if p.two_step else "direct", train_steps)
@@ -192,15 +202,15 @@ def train(config, workdir: str):
   for k in range(p.start_stage, num_stages):
     n_teacher, n_student = steps[k], steps[k + 1]
     directory = stage_dir(workdir, k, n_student)
-    stage = ProgressiveStage(student_steps=jnp.int32(n_student), num_steps=jnp.int32(train_steps[k]),
-                             teacher_substeps=jnp.int32(2 if p.two_step else steps[0] // n_student))
+    stage = make_stage(grids, k, train_steps[k], p.two_step)
+    grid = grid_times(grids, k + 1)
     frozen = ProgressiveFrozen(teacher=teacher if p.two_step else original_teacher,
                                student_base=teacher if objective.lora is not None else None)
     last_eval = {}
 
     def evaluate(params, step, n_student=n_student, k=k, last_eval=last_eval, frozen=frozen,
-                 stage=stage):
-      result, samples = exp.evaluator.evaluate(params, n_student)
+                 stage=stage, grid=grid):
+      result, samples = exp.evaluator.evaluate(params, n_student, grid=grid)
       last_eval.update(result=result, samples=samples)
       scalars = dict(result)
       if p.validation_examples:
@@ -222,11 +232,12 @@ def train(config, workdir: str):
         meta={"stage": k, "student_steps": n_student, "teacher_steps": n_teacher})
     offset += train_steps[k]
     student = objective.eval_params(trained.state, frozen)
-    common.export(student, config, os.path.join(directory, EXPORT), "ddim", n_student)
+    common.export(student, config, os.path.join(directory, EXPORT), "ddim", n_student, grid)
     rows.append(stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms,
-                          last_eval))
+                          last_eval, grid))
     teacher = student
-  common.export(teacher, config, os.path.join(workdir, EXPORT), "ddim", steps[-1])
+  common.export(teacher, config, os.path.join(workdir, EXPORT), "ddim", steps[-1],
+                grid_times(grids, num_stages))
   write_summary(workdir, rows, time.time() - run_start, steps, exp)
   return teacher
 
@@ -247,17 +258,23 @@ def stage_dir(workdir, k, n_student):
   return os.path.join(workdir, "stages", f"{k}_{n_student}steps")
 
 
-def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, last_eval):
+def grid_times(grids, k):
+  """The sampling grid of count k of the schedule (times in [0, 1]; k = 0: the original teacher)."""
+  return [i / grids[0][-1] for i in grids[k]]
+
+
+def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms, last_eval,
+              grid=None):
   """Stage results (cached in <stage>/result.json so a resumed run does not recompute them, unless
   the run now evaluates differently); `last_eval` holds the loop's end-of-stage evaluation of
-  `student` unless the stage was already trained before this invocation."""
+  `student` (on its `grid`) unless the stage was already trained before this invocation."""
   path = os.path.join(directory, "result.json")
   evaluated_with = json.loads(exp.config.eval.to_json())
   cached = files.read_json(path)
   if cached is not None and cached.get("evaluated_with") == evaluated_with:
     return cached
   if not last_eval or not exp.evaluator.final_reuses_training_count:
-    result, samples = exp.evaluator.evaluate(student, n_student, final=True)
+    result, samples = exp.evaluator.evaluate(student, n_student, final=True, grid=grid)
     last_eval = dict(result=result, samples=samples)
   student_fd, student_samples = last_eval["result"]["fd"], last_eval["samples"]
   ddim_result, ddim_samples = exp.evaluator.evaluate(original_teacher, n_student, final=True)
@@ -265,7 +282,7 @@ def stage_row(exp, directory, k, n_student, student, original_teacher, teacher_m
   save_png(image_grid(ddim_samples), os.path.join(directory, "ddim_teacher_samples.png"))
   ms = exp.evaluator.speed(last_eval["result"], student, n_student)
   row = dict(stage=k, steps=n_student, student_fd=float(student_fd), ddim_fd=ddim_result["fd"],
-             ms_per_sample=ms, speedup=teacher_ms / ms, evaluated_with=evaluated_with,
+             ms_per_sample=ms, speedup=teacher_ms / ms, evaluated_with=evaluated_with, grid=grid,
              **other_metrics(last_eval["result"]))
   exp.writer.write_scalars(k, {"summary/student_fd": row["student_fd"],
                                "summary/ddim_teacher_fd": row["ddim_fd"],
