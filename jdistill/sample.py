@@ -42,6 +42,10 @@ flags.DEFINE_integer("seed", 0, "Noise seed.", lower_bound=0)
 flags.DEFINE_enum("mode", None, ["ddim", "ancestral", "renoise"],
                   "Sampler: DDIM, DDPM ancestral, or re-noising (DMD2 generators). Default: the "
                   "exported model's, else the method's.")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance weight. Default: the exported "
+                   "model's; else config.diffusion.guidance for a teacher run, 0 for distilled "
+                   "students (they learned unguided targets or the guided distribution itself).",
+                   lower_bound=0.0)
 flags.DEFINE_bool("fd", False, "Also print the samples' FD against the held-out split (config.eval.features).")
 flags.DEFINE_integer("fd_repeats", 1, "With --fd: FD for this many noise seeds (--seed onwards), "
                      "and their mean.", lower_bound=1)
@@ -109,6 +113,9 @@ def main(argv):
     raise app.UsageError("--num_steps is required (this checkpoint does not say how it samples)")
   mode = FLAGS.mode or sampling.get("mode") or methods.get(config.method).sampling_mode(config)
   grid = sampling.get("grid") if num_steps == sampling.get("steps") else None
+  guidance = FLAGS.guidance
+  if guidance is None:
+    guidance = sampling.get("guidance", config.diffusion.guidance if config.method == "teacher" else 0.0)
   workdir = FLAGS.workdir or os.path.dirname(os.path.abspath(checkpoint))
   exp = setup.build(config, workdir, evaluator=FLAGS.fd, record_config=False)
   logging.info("Sampling %d x %d steps (%s, %s grid) from %s", FLAGS.num_samples, num_steps, mode,
@@ -120,7 +127,7 @@ def main(argv):
     if exp.denoiser.num_classes:
       labels = np.random.RandomState(seed).randint(0, exp.denoiser.num_classes, FLAGS.num_samples)
     return exp.sampler.sample(params, num_steps, FLAGS.num_samples, seed, labels=labels,
-                              mode=mode, grid=grid), labels
+                              mode=mode, grid=grid, guidance=guidance), labels
 
   samples, labels = draw(FLAGS.seed)
   stored = eval_lib.to_uint8(samples) if samples.ndim == 4 else samples.astype(np.float32)

@@ -1,5 +1,6 @@
 """Every training control reaches every method where it has a meaning, measurably, and is refused
 (naming the field and the methods that support it) where it has none."""
+import json
 import os
 
 import jax
@@ -13,7 +14,7 @@ from conftest import tiny_teacher_params, tiny_unet
 from jdistill import methods
 from jdistill.data import pipeline
 from jdistill.errors import ConfigError
-from jdistill.eval.evaluate import FDEvaluator
+from jdistill.eval.evaluate import FDEvaluator, Sampler
 from jdistill.methods import distribution_matching as dm_method
 from jdistill.methods import multi_teacher as mt_method
 from jdistill.methods import progressive as pd_method
@@ -147,6 +148,8 @@ def test_curriculum_reaches_the_teacher(tmp_path):
     ("multi_teacher", "features.weight_start", 1.0, "progressive"),
     ("dmd", "curriculum.sampler", "adaptive", "progressive, teacher"),
     ("multi_teacher", "curriculum.sampler", "adaptive", "progressive, teacher"),
+    ("progressive", "diffusion.guidance", 2.0, "dmd, teacher"),
+    ("multi_teacher", "diffusion.guidance", 2.0, "dmd, teacher"),
 ])
 def test_a_control_a_method_does_not_support_is_refused(name, field, value, supporters):
   config = tiny_config(name)
@@ -228,7 +231,7 @@ def test_min_snr_gamma_reaches_the_progressive_loss_and_the_critic(name, tmp_pat
     c.diffusion.min_snr_gamma = gamma
     if name == "progressive":
       c.progressive.loss_weighting = weighting
-      stage = pd.ProgressiveStage(jnp.int32(2), jnp.int32(10), jnp.int32(2))
+      stage = pd.make_stage(pd.nested_grids([4, 2]), 0, 10)
       return float(pd_method.make_objective(exp).validation_loss(params, params, batch, rng, stage))
     c.dmd.critic_weighting = weighting
     critic = nn.unbox(dm_method.make_objective(exp, 10).init_state(rng)).critic.params
@@ -240,3 +243,42 @@ def test_min_snr_gamma_reaches_the_progressive_loss_and_the_critic(name, tmp_pat
   eps_mse = loss("eps_mse", 5.0)
   np.testing.assert_allclose(loss("min_snr", 1e30), eps_mse, rtol=1e-6)
   assert loss("min_snr", 1.0) < 0.5 * eps_mse
+
+
+def test_guidance_is_what_each_model_takes_on_class_conditional_digits(tmp_path, monkeypatch):
+  """A DMD2 generator trained against the guided teacher is evaluated without guidance (it learned
+  the guided distribution); the teacher's rows and FD (teacher) sample with it; the export says so."""
+  config = tiny_config("dmd")
+  config.model.num_classes = 10
+  config.diffusion.guidance = 2.0
+  config.teacher.sampling_steps = 2
+  config.train.update(num_steps=2, log_every=1, save_every=0, eval_every=0)
+  config.eval.update(final_steps=(1,), num_samples=8, batch_size=8)
+  config.dmd.update(eval_steps=(1,))
+  calls = []
+  sample = Sampler.sample
+
+  def recording(self, params, num_steps, num_samples, seed=0, **kw):
+    calls.append((kw.get("mode", "ddim"), kw.get("guidance", 0.0)))
+    return sample(self, params, num_steps, num_samples, seed, **kw)
+  monkeypatch.setattr(Sampler, "sample", recording)
+  monkeypatch.setattr(dm_method.teachers, "load_teacher",
+                      lambda exp: jax.tree.map(jnp.asarray, tiny_teacher_params(exp.config, 0)))
+  methods.train(config, str(tmp_path))
+  assert ("renoise", 0.0) in calls and ("ddim", 2.0) in calls
+  assert set(calls) == {("renoise", 0.0), ("ddim", 2.0)}, set(calls)
+  exported = json.load(open(tmp_path / f"{dm_method.EXPORT[:-len('.msgpack')]}.json"))
+  assert exported["sampling"]["guidance"] == 0.0
+
+
+def test_the_sampler_guides_only_when_asked(tmp_path):
+  config = tiny_config("teacher")
+  config.model.num_classes = 10
+  exp = setup.build(config, str(tmp_path), evaluator=False, record_config=False)
+  params = jax.tree.map(jnp.asarray, tiny_teacher_params(config, 0))
+  labels = np.arange(8) % 10
+  plain = exp.sampler.sample(params, 2, 8, labels=labels)
+  unguided = exp.sampler.sample(params, 2, 8, labels=labels, guidance=0.0)
+  guided = exp.sampler.sample(params, 2, 8, labels=labels, guidance=2.0)
+  np.testing.assert_array_equal(plain, unguided)
+  assert np.abs(guided - unguided).max() > 1e-3

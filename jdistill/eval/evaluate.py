@@ -22,26 +22,30 @@ class Sampler:
   """Draws samples from a denoiser with an N-step sampler (DDIM, ancestral or re-noise), N traced:
   one compilation (and one more for sampling on given grids, padded to one shape)."""
 
-  def __init__(self, denoiser, schedule, data_shape, *, clip_x=True, guidance=0.0, batch_size=500):
+  def __init__(self, denoiser, schedule, data_shape, *, clip_x=True, batch_size=500):
     self.denoiser, self.schedule, self.data_shape = denoiser, schedule, tuple(data_shape)
-    self.clip_x, self.guidance, self.batch_size = clip_x, guidance, batch_size
+    self.clip_x, self.batch_size = clip_x, batch_size
 
-  @functools.partial(jax.jit, static_argnums=(0, 5))
-  def _sample_batch(self, params, noise, label, num_steps, mode, rng, grid):
+  @functools.partial(jax.jit, static_argnums=(0, 5, 8))
+  def _sample_batch(self, params, noise, label, num_steps, mode, rng, grid, guidance):
     # step-conditioned generators (TDM-unify) are told the step count; other params ignore it
-    predict = lambda z, logsnr: self.denoiser.predict_guided(
-        params, z, logsnr, label, self.guidance, jnp.full((z.shape[0],), num_steps, jnp.int32))
+    def predict(z, logsnr):
+      steps = jnp.full((z.shape[0],), num_steps, jnp.int32)
+      if guidance:
+        return self.denoiser.predict_guided(params, z, logsnr, label, guidance, steps)
+      return self.denoiser.predict(params, z, logsnr, label, steps=steps)
     return sampling.sample(predict, self.schedule, noise, num_steps, clip_x=self.clip_x,
                            rng=None if mode == "ddim" else rng, mode=mode, grid=grid)
 
   def sample(self, params, num_steps: int, num_samples: int, seed: int = 0,
              labels: Optional[np.ndarray] = None, mode: str = "ddim", timed: bool = False,
-             grid=None):
+             grid=None, guidance: float = 0.0):
     """`num_samples` samples in the data range, as numpy; noise and labels depend only on `seed`.
     `mode`: 'ddim', 'ancestral' (DDPM) or 'renoise' (few-step generators). `timed`: (samples,
     ms per sample over the full batches after the first, which may compile; None without one).
     `grid`: the N + 1 sampling time points 0 = t_0 < ... < t_N = 1 (default uniform); a uniform
-    one samples exactly as without it."""
+    one samples exactly as without it. `guidance`: the classifier-free guidance weight w, for a
+    model that learned an unconditional branch (a teacher); distilled students take none."""
     if grid is not None:
       grid = sampling.padded_grid(grid, num_steps)
       uniform = np.float32(np.arange(num_steps + 1) / num_steps)
@@ -56,7 +60,7 @@ class Sampler:
       label = None if labels is None else jnp.asarray(labels[chunk], jnp.int32)
       clock = time.perf_counter()
       batch = self._sample_batch(params, jnp.asarray(noise[chunk]), label, jnp.int32(num_steps),
-                                 mode, jax.random.fold_in(rng, start), grid)
+                                 mode, jax.random.fold_in(rng, start), grid, float(guidance))
       if timed:
         jax.block_until_ready(batch)
         if start > 0 and batch.shape[0] == self.batch_size:
@@ -68,13 +72,14 @@ class Sampler:
     return samples, (1000.0 * seconds / timed_count if timed_count else None)
 
 
-def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2, mode="ddim"):
+def time_sampling(sampler, params, num_steps, num_samples=256, repeats=2, mode="ddim",
+                  guidance: float = 0.0):
   """Median milliseconds per sample of `num_steps`-step sampling (after a warm-up call)."""
-  sampler.sample(params, num_steps, num_samples, mode=mode)
+  sampler.sample(params, num_steps, num_samples, mode=mode, guidance=guidance)
   times = []
   for r in range(repeats):
     start = time.perf_counter()
-    sampler.sample(params, num_steps, num_samples, seed=r, mode=mode)
+    sampler.sample(params, num_steps, num_samples, seed=r, mode=mode, guidance=guidance)
     times.append(time.perf_counter() - start)
   return 1000.0 * float(np.median(times)) / num_samples
 
@@ -132,18 +137,20 @@ class FDEvaluator:
       result.update(neighbours.precision_recall(ref["real"], sample_features, ref["radii"]))
     return result
 
-  def set_teacher(self, params, num_steps: int, mode: str = "ddim"):
-    """The model that FD (teacher) compares samples with: `num_steps`-step samples of `params`,
-    drawn (once per sample count) with other noise seeds than the evaluated samples."""
-    self.teacher, self._teacher_features = (params, num_steps, mode), {}
+  def set_teacher(self, params, num_steps: int, mode: str = "ddim", guidance: float = 0.0):
+    """The model that FD (teacher) compares samples with: `num_steps`-step samples of `params`
+    (with its `guidance`), drawn (once per sample count) with other noise seeds than the
+    evaluated samples."""
+    self.teacher, self._teacher_features = (params, num_steps, mode, guidance), {}
 
   def teacher_features(self, count: int, draw: int = 0):
     """Features of `count` teacher samples from the `draw`-th teacher seed (cached)."""
     key = (count, draw)
     if key not in self._teacher_features:
-      params, num_steps, mode = self.teacher
+      params, num_steps, mode, guidance = self.teacher
       self._teacher_features[key] = self.features(self.sampler.sample(
-          params, num_steps, count, self.seed + TEACHER_SEED_OFFSETS[draw], mode=mode))
+          params, num_steps, count, self.seed + TEACHER_SEED_OFFSETS[draw], mode=mode,
+          guidance=guidance))
     return self._teacher_features[key]
 
   def fd_of(self, samples) -> dict:
@@ -180,23 +187,25 @@ class FDEvaluator:
                                                    self.teacher_features(count, draw=1))
     return out
 
-  def evaluate(self, params, num_steps: int, mode: str = "ddim", final: bool = False, grid=None):
+  def evaluate(self, params, num_steps: int, mode: str = "ddim", final: bool = False, grid=None,
+               guidance: float = 0.0):
     """(`fd_of`'s metrics [+ 'ms_per_sample'], samples) for `num_steps`-step sampling (on `grid`,
     default uniform);
     `final`: with `final_num_samples` (the end-of-run tables, which also get the sampling speed),
     else `num_samples` (evaluations during training)."""
     count = self.final_num_samples if final else self.num_samples
     samples, ms = self.sampler.sample(params, num_steps, count, self.seed, mode=mode, timed=True,
-                                      grid=grid)
+                                      grid=grid, guidance=guidance)
     result = self.fd_of(samples)
     if final and ms is not None:       # the end-of-run tables' speed, from these very batches
       result["ms_per_sample"] = ms
     return result, samples
 
-  def speed(self, result, params, num_steps: int, mode: str = "ddim") -> float:
+  def speed(self, result, params, num_steps: int, mode: str = "ddim", guidance: float = 0.0) -> float:
     """ms per sample for an end-of-run table: timed within `result`'s evaluation when it had a
     full batch after the first, else by `time_sampling`."""
-    return result.get("ms_per_sample") or time_sampling(self.sampler, params, num_steps, mode=mode)
+    return result.get("ms_per_sample") or time_sampling(self.sampler, params, num_steps, mode=mode,
+                                                        guidance=guidance)
 
 
 def _subset(size: int, limit: int):

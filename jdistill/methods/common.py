@@ -25,6 +25,8 @@ def controls_in_use(config) -> dict:
     used["lora"] = f"lora.rank={config.lora.rank}"
   if config.curriculum.sampler != "uniform":
     used["curriculum"] = f"curriculum.sampler={config.curriculum.sampler!r}"
+  if config.diffusion.guidance:
+    used["guidance"] = f"diffusion.guidance={config.diffusion.guidance}"
   if config.features.weight_start or config.features.weight_end:
     used["features"] = (f"features.weight_start={config.features.weight_start}, "
                         f"weight_end={config.features.weight_end}")
@@ -81,14 +83,15 @@ def train(exp, objective, settings: loop.Settings, *, workdir: str, train_data, 
   return Trained(state, last_eval, best, time.time() - start)
 
 
-def fd_callback(exp, steps_list, prefix: str = "", mode: str = "ddim"):
+def fd_callback(exp, steps_list, prefix: str = "", mode: str = "ddim", guidance: float = 0.0):
   """evaluate(params, step) -> ({'fd_<N>steps': ..., and the evaluator's other metrics (memorised,
   precision, recall, [fd_teacher]) likewise}, {'samples': grid of the first N}) for the loop;
-  `mode` is the sampler ('renoise' for DMD2 generators)."""
+  `mode` is the sampler ('renoise' for DMD2 generators), `guidance` what the model takes (a
+  teacher's config.diffusion.guidance; 0 for distilled students)."""
   def evaluate(params, step):
     scalars, grid = {}, None
     for n in steps_list:
-      result, samples = exp.evaluator.evaluate(params, n, mode)
+      result, samples = exp.evaluator.evaluate(params, n, mode, guidance=guidance)
       scalars.update({f"{k}_{n}steps": v for k, v in result.items()})
       grid = eval_lib.image_grid(samples) if grid is None else grid
     logging.info("%seval at step %d: %s", prefix, step,
@@ -97,7 +100,8 @@ def fd_callback(exp, steps_list, prefix: str = "", mode: str = "ddim"):
   return evaluate
 
 
-def fd_table(exp, params, steps_list, *, mode: str = "ddim", last_eval=None, name: str = ""):
+def fd_table(exp, params, steps_list, *, mode: str = "ddim", last_eval=None, name: str = "",
+             guidance: float = 0.0):
   """End-of-run rows {steps, fd, [swd], [fd_teacher], [memorised, precision, recall],
   ms_per_sample, seconds} on eval.final_num_samples samples; a training evaluation in `last_eval`
   of the same sample count with every metric is reused, not redone. Sample grids go to
@@ -107,10 +111,10 @@ def fd_table(exp, params, steps_list, *, mode: str = "ddim", last_eval=None, nam
     start = time.time()
     result = reused_evaluation(exp, last_eval, n)
     if result is None:
-      result, samples = exp.evaluator.evaluate(params, n, mode, final=True)
+      result, samples = exp.evaluator.evaluate(params, n, mode, final=True, guidance=guidance)
       eval_lib.save_png(eval_lib.image_grid(samples),
                         os.path.join(exp.workdir, f"{name}samples_{n}steps.png"))
-    ms = exp.evaluator.speed(result, params, n, mode)
+    ms = exp.evaluator.speed(result, params, n, mode, guidance)
     rows.append(dict(steps=n, **{k: v for k, v in result.items() if k != "ms_per_sample"},
                      ms_per_sample=ms, seconds=time.time() - start))
     logging.info("%s%d steps (%s): %s", name, n, mode,
@@ -175,11 +179,11 @@ def write_summary(workdir: str, title: str, intro, header, rows, footer=()):
   logging.info("\n%s", text)
 
 
-def export(params, config, path: str, mode: str, steps: int, grid=None):
+def export(params, config, path: str, mode: str, steps: int, grid=None, guidance: float = 0.0):
   """The exported model of a run: `path` (.msgpack) and its JSON, which `jdistill.sample
-  --checkpoint=PATH` reads to rebuild and sample it (`mode`, `steps`, and its time `grid`
-  where given) without a run directory."""
-  sampling = {"mode": mode, "steps": int(steps)}
+  --checkpoint=PATH` reads to rebuild and sample it (`mode`, `steps`, its `guidance`, and its
+  time `grid` where given) without a run directory."""
+  sampling = {"mode": mode, "steps": int(steps), "guidance": float(guidance)}
   if grid is not None:
     sampling["grid"] = [float(t) for t in grid]
   teachers.export(params, config, path, sampling)

@@ -25,7 +25,7 @@ from jdistill.objectives.distribution_matching import (REGRESSION_SOURCES, VARIA
 from jdistill.diffusion.losses import WEIGHTINGS
 from jdistill.train import loop, setup, teachers
 
-CONTROLS = frozenset({"lora"})                   # optional controls it supports (methods/common.py)
+CONTROLS = frozenset({"lora", "guidance"})       # optional controls it supports (methods/common.py)
 EXPORT = "generator.msgpack"
 PARAMS_KEY = "generator/ema_params"
 
@@ -131,7 +131,10 @@ def train(config, workdir: str):
   d = config.dmd
   mode = sampling_mode(config)
   teacher = teachers.load_teacher(exp)
-  exp.evaluator.set_teacher(teacher, config.teacher.sampling_steps)
+  # the real score is the guided teacher: the generator learns its guided distribution and samples
+  # without guidance; the teacher's rows sample with it
+  guidance = config.diffusion.guidance
+  exp.evaluator.set_teacher(teacher, config.teacher.sampling_steps, guidance=guidance)
   num_steps = config.train.num_steps
   objective = make_objective(exp, num_steps)
   regression, regression_sharding = None, None
@@ -156,7 +159,7 @@ def train(config, workdir: str):
   generator = objective.eval_params(trained.state, frozen)
   common.export(generator, config, os.path.join(workdir, EXPORT), mode, d.generator_steps)
   n_teacher = config.teacher.sampling_steps
-  teacher_rows = common.fd_table(exp, teacher, [n_teacher], name="teacher_")
+  teacher_rows = common.fd_table(exp, teacher, [n_teacher], name="teacher_", guidance=guidance)
   generator_rows = common.fd_table(exp, generator, eval_steps, mode=mode,
                                    last_eval=trained.last_eval, name="generator_")
   rows = [("teacher (DDIM)", r) for r in teacher_rows] + [(f"{d.variant} generator", r)

@@ -13,7 +13,7 @@ from jdistill.models.lora import make_lora
 from jdistill.objectives.denoising import DenoisingFrozen, DenoisingObjective
 from jdistill.train import loop, setup, teachers
 
-CONTROLS = frozenset({"curriculum", "lora"})      # optional controls it supports (methods/common.py)
+CONTROLS = frozenset({"curriculum", "lora", "guidance"})   # optional controls it supports (methods/common.py)
 EXPORT = "teacher.msgpack"                # the run's exported model, for jdistill.sample
 PARAMS_KEY = "ema_params"                 # what sampling restores from an Orbax checkpoint
 
@@ -56,15 +56,19 @@ def train(config, workdir: str):
     make_state = common.state_maker(objective, compiled)
     initial_state = lambda: make_state(frozen.base if frozen else teachers.load_teacher(exp))
   steps = config.eval.steps_during_training
+  guidance = config.diffusion.guidance           # it learns the unconditional branch it guides with
   trained = common.train(
       exp, objective, loop.Settings.from_config(config), workdir=workdir,
-      train_data=exp.train_data(), evaluate=common.fd_callback(exp, steps), compiled=compiled,
+      train_data=exp.train_data(), evaluate=common.fd_callback(exp, steps, guidance=guidance),
+      compiled=compiled,
       best_metric=f"fd_{steps[0]}steps", frozen=frozen, initial_state=initial_state,
       meta={"method": "teacher", "config": config.to_json()})
   params = objective.eval_params(trained.state, frozen)
-  common.export(params, config, os.path.join(workdir, EXPORT), "ddim", config.teacher.sampling_steps)
-  exp.evaluator.set_teacher(params, config.teacher.sampling_steps)   # FD (teacher): to itself
-  rows = common.fd_table(exp, params, config.eval.final_steps)
+  common.export(params, config, os.path.join(workdir, EXPORT), "ddim", config.teacher.sampling_steps,
+                guidance=guidance)
+  exp.evaluator.set_teacher(params, config.teacher.sampling_steps,   # FD (teacher): to itself
+                            guidance=guidance)
+  rows = common.fd_table(exp, params, config.eval.final_steps, guidance=guidance)
   extras = ["swd"] if "swd" in rows[0] else []
   common.write_summary(
       workdir, f"Teacher: {config.preset}",

@@ -75,7 +75,7 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0 or not record_config)
   sampler = Sampler(denoiser, schedule, train_source.data_shape, clip_x=config.diffusion.clip_x,
-                    guidance=config.diffusion.guidance, batch_size=config.eval.batch_size)
+                    batch_size=config.eval.batch_size)
   if record_config:
     writer.write_hparams(flat_hparams(config.to_dict()))
   fd = None
