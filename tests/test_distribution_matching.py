@@ -361,3 +361,171 @@ def test_tdm_rollout_follows_the_samplers_trajectory(tmp_path, clip_x):
                    clip_x=clip_x)
   np.testing.assert_allclose((np.clip(x, -1, 1) if clip_x else np.asarray(x))[last],
                              np.asarray(sampled)[last], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- TDM as the paper
+
+def _cosine_alpha_sigma(t):
+  """The cosine schedule's closed form: logsnr = -2 log tan(a t + b), alpha = cos, sigma = sin."""
+  from jdistill.diffusion.schedules import LOGSNR_MAX, LOGSNR_MIN
+  b = np.arctan(np.exp(-0.5 * LOGSNR_MAX))
+  a = np.arctan(np.exp(-0.5 * LOGSNR_MIN)) - b
+  return np.cos(a * np.asarray(t, np.float64) + b), np.sin(a * np.asarray(t, np.float64) + b)
+
+
+def test_trajectory_state_diffused_forward_has_the_closed_form_coefficients(tmp_path):
+  """z_t = (alpha_t / alpha_s) (alpha_s x + sigma_s eps_hat) + sqrt(sigma_t^2 - (alpha_t / alpha_s)^2
+  sigma_s^2) eps: x's coefficient is alpha_t, the noise's add up to sigma_t^2 (the marginal
+  N(alpha_t x, sigma_t^2) when eps_hat is Gaussian), and at s = 0 the state is x itself."""
+  _, objective, _ = _setup(tmp_path, "tdm", generator_steps=4)
+  s = jnp.array([0.75, 0.5, 0.25, 0.1, 0.0, 0.0])
+  t = jnp.array([0.9, 0.75, 0.3, 0.1, 0.2, 0.8])
+  alpha_s, sigma_s = _cosine_alpha_sigma(s)
+  alpha_t, sigma_t = _cosine_alpha_sigma(t)
+  alpha_s, sigma_s = np.where(s == 0, 1.0, alpha_s), np.where(s == 0, 0.0, sigma_s)
+  coefficient = lambda x, eps_hat, eps: np.asarray(dm.diffuse_trajectory_state(
+      jnp.full((6, 1), x), jnp.full((6, 1), eps_hat), objective.schedule(s), objective.schedule(t),
+      s, jnp.full((6, 1), eps))[0])[:, 0]
+  on_x, on_eps_hat, on_eps = coefficient(1.0, 0.0, 0.0), coefficient(0.0, 1.0, 0.0), coefficient(0.0, 0.0, 1.0)
+  np.testing.assert_allclose(on_x, alpha_t, rtol=1e-5)
+  np.testing.assert_allclose(on_eps_hat, alpha_t / alpha_s * sigma_s, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(on_eps, np.sqrt(sigma_t**2 - (alpha_t / alpha_s * sigma_s)**2), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(on_eps_hat**2 + on_eps**2, sigma_t**2, rtol=1e-5)
+  np.testing.assert_allclose(on_eps_hat[s == 0], 0.0)
+  np.testing.assert_allclose(on_eps[s == t], 0.0, atol=1e-3)      # t = s: z_t is z_s
+  # eps_mix: z_t = alpha_t x + sigma_t eps_mix
+  x, eps_hat, eps = (jax.random.normal(jax.random.key(i), (6, 3)) for i in range(3))
+  z_t, eps_mix = dm.diffuse_trajectory_state(x, eps_hat, objective.schedule(s), objective.schedule(t), s, eps)
+  np.testing.assert_allclose(z_t, alpha_t[:, None] * x + sigma_t[:, None] * eps_mix, rtol=1e-4, atol=1e-5)
+
+
+def test_importance_weight_is_the_per_dimension_density_ratio():
+  """w = exp(-(||eps_mix||^2 - ||eps||^2) / (2 d)), by hand on a few numbers."""
+  eps_mix = jnp.array([[1.0, 0.0], [0.5, -0.5], [2.0, 1.0]])
+  eps = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+  by_hand = [1.0, np.exp(-(0.5 - 2.0) / 4), np.exp(-(5.0 - 1.0) / 4)]
+  np.testing.assert_allclose(dm.trajectory_importance_weight(eps_mix, eps), by_hand, rtol=1e-6)
+
+
+def test_tdm_and_fresh_noise_differ_at_every_step_but_the_last(tmp_path):
+  """The paper's 'tdm' diffuses the trajectory state z_s (with the generator's eps_hat) forward;
+  'tdm_fresh_noise' diffuses x_hat with fresh noise. At s = 0 the two are the same draw (weight 1);
+  at every other step they differ. With K = 1 the whole losses coincide."""
+  _, paper, teacher = _setup(tmp_path, "tdm", generator_steps=4)
+  fresh = dataclasses.replace(paper, variant="tdm_fresh_noise")
+  steps = paper.draw_step_counts(jax.random.key(0), 64)
+  z_k, t_k = paper.rollout(teacher, jax.random.normal(jax.random.key(1), (64, 2)), None, steps,
+                           jax.random.key(2))
+  generated = paper.generate_step(teacher, z_k, t_k, None, steps)
+  z_paper, t_paper, _, weight = paper.noise_generated(generated, t_k, steps, jax.random.key(3))
+  z_fresh, t_fresh, _, one = fresh.noise_generated(generated, t_k, steps, jax.random.key(3))
+  last = np.asarray(t_k) == 0.25
+  assert 5 < last.sum() < 40 and one == 1.0
+  np.testing.assert_array_equal(t_paper, t_fresh)
+  np.testing.assert_allclose(np.asarray(z_paper)[last], np.asarray(z_fresh)[last], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(weight)[last], 1.0, atol=1e-6)
+  assert np.all(np.abs(np.asarray(z_paper) - np.asarray(z_fresh))[~last].max(axis=1) > 1e-4)
+  assert np.all(np.abs(np.asarray(weight)[~last] - 1.0) > 1e-7)
+
+  _, one_step, _ = _setup(tmp_path, "tdm", generator_steps=1)
+  fresh_one = dataclasses.replace(one_step, variant="tdm_fresh_noise")
+  steps = one_step.draw_step_counts(jax.random.key(0), 64)
+  z_k = jax.random.normal(jax.random.key(1), (64, 2))
+  t_k = jnp.ones((64,))
+  critic = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(6), p.shape), teacher)
+  critic = {"score": critic, "gan_head": {}}
+  generated = one_step.generate_step(teacher, z_k, t_k, None, steps)
+  x_data = jax.random.normal(jax.random.key(7), (64, 2))
+  for loss in ("critic_loss", "generator_loss"):
+    args = ((critic, generated, x_data, None, steps, t_k, jax.random.key(4)) if loss == "critic_loss"
+            else (teacher, critic, teacher, z_k, t_k, None, steps, jax.random.key(4)))
+    ours, theirs = getattr(one_step, loss)(*args)[0], getattr(fresh_one, loss)(*args)[0]
+    np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-6)
+
+
+def test_tdm_critic_loss_is_importance_weighted(tmp_path):
+  """'tdm' critic loss = mean(w * min(SNR, 5) * ||critic(z_t).x - x_hat||^2), z_t from the trajectory
+  state, by hand from the same draws."""
+  from jdistill.diffusion.losses import weighted_x_loss
+  _, objective, teacher = _setup(tmp_path, "tdm", generator_steps=4)
+  steps = jnp.full((32,), 4)
+  t_k = jnp.tile(jnp.array([1.0, 0.75, 0.5, 0.25]), 8)
+  z_k = jax.random.normal(jax.random.key(1), (32, 2))
+  generated = objective.generate_step(teacher, z_k, t_k, None, steps)
+  critic = jax.tree.map(lambda p: p * 1.05, teacher)
+  rng = jax.random.key(5)
+  loss, _ = objective.critic_loss({"score": critic, "gan_head": {}}, generated, None, None, steps, t_k, rng)
+  rng_noise, _ = jax.random.split(rng)
+  rng_t, rng_eps = jax.random.split(rng_noise)
+  t = jax.random.uniform(rng_t, (32,), minval=t_k - 0.25, maxval=t_k)
+  eps = jax.random.normal(rng_eps, (32, 2))
+  s = t_k - 0.25
+  z_t, eps_mix = dm.diffuse_trajectory_state(generated.x0, generated.eps, objective.schedule(s),
+                                             objective.schedule(t), s, eps)
+  weight = np.exp(-0.5 * (np.mean(np.asarray(eps_mix)**2, 1) - np.mean(np.asarray(eps)**2, 1)))
+  ids = objective.critic_step_ids(steps, t_k)
+  x_critic = objective.denoiser.predict(critic, z_t, objective.schedule(t), steps=ids).x0
+  by_hand = np.mean(weight * weighted_x_loss(x_critic, generated.x0, objective.schedule(t), "min_snr", 5.0))
+  np.testing.assert_allclose(float(loss), by_hand, rtol=1e-5)
+
+
+def test_gan_noises_real_and_fake_at_their_own_levels(tmp_path):
+  """The critic's GAN loss diffuses the real and the generated batch with separate draws of t and
+  noise (DMD2 noises each independently)."""
+  _, objective, teacher = _setup(tmp_path, "dmd2", gan_weight=0.1)
+  seen = []
+
+  class Recording(type(objective)):
+    def gan_logit(self, critic_params, z_t, t, label):
+      seen.append((np.asarray(z_t), np.asarray(t)))
+      return super().gan_logit(critic_params, z_t, t, label)
+
+  recording = Recording(**{f.name: getattr(objective, f.name) for f in dataclasses.fields(objective)})
+  critic = recording.new_state(teacher).critic.params
+  steps = jnp.ones((16,), jnp.int32)
+  x = jnp.zeros((16, 2))
+  generated = recording.generate_step(teacher, jax.random.normal(jax.random.key(0), (16, 2)),
+                                      jnp.ones((16,)), None, steps)
+  recording.critic_loss(critic, generated._replace(x0=x), x, None, steps, jnp.ones((16,)),
+                        jax.random.key(1))
+  (z_real, t_real), (z_fake, t_fake) = seen
+  assert np.abs(t_real - t_fake).min() > 0 and np.abs(z_real - z_fake).min() > 0
+
+
+def test_presets_paper_dmd2_and_both_tdm_variants_validate():
+  from configs import dmd as dmd_configs
+  from configs import tdm as tdm_configs
+  from jdistill.errors import ConfigError
+  from jdistill.methods import validate
+  paper = dmd_configs.get_config("digits_paper")
+  assert (paper.dmd.regression_weight, paper.dmd.critic_updates_per_generator) == (0.0, 5)
+  assert paper.dmd.gan_weight > 0 and paper.preset == "digits"
+  assert (paper.optim.name, paper.optim.b1, paper.optim.b2, paper.optim.weight_decay) == ("adamw", 0.9, 0.999, 0.01)
+  default = dmd_configs.get_config("digits")
+  assert (default.dmd.regression_weight, default.dmd.critic_updates_per_generator, default.optim.name) == (1.0, 2, "adam")
+  tdm, fresh = tdm_configs.get_config("digits"), tdm_configs.get_config("digits_fresh_noise")
+  assert (tdm.dmd.variant, tdm.dmd.huber_c) == ("tdm", 1e-3)
+  assert (fresh.dmd.variant, fresh.dmd.huber_c) == ("tdm_fresh_noise", 0.03)
+  for config in (paper, default, tdm, fresh, dmd_configs.get_config("toy2d_paper"),
+                 tdm_configs.get_config("toy2d_fresh_noise")):
+    validate(config, 1)
+  fresh.dmd.huber_c = 0.0
+  with pytest.raises(ConfigError, match=r"config.dmd.huber_c: must be > 0"):
+    validate(fresh, 1)
+  with pytest.raises(ConfigError, match=r"dmd.variant"):
+    dm_method.get_config("digits", "tdm_paper")
+
+
+@pytest.mark.parametrize("variant", ["tdm", "tdm_fresh_noise"])
+def test_tdm_variants_train_finite(tmp_path, variant):
+  exp, objective, teacher = _setup(tmp_path, variant, critic_updates_per_generator=1)
+  compiled = loop.compile_step(objective, exp.mesh)
+  state = jax.jit(objective.new_state)(teacher)
+  before = jax.device_get(state.generator.params)
+  for i, batch in enumerate(_batches(exp, 2)):
+    state, metrics = compiled.fn(state, batch, jax.random.key(i), dm.DistributionMatchingFrozen(teacher=teacher), None)
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert float(metrics["generator_updated"]) == 1.0 and float(metrics["critic_loss"]) > 0
+  moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
+           for a, b in zip(jax.tree.leaves(jax.device_get(state.generator.params)), jax.tree.leaves(before))]
+  assert max(moved) > 0

@@ -8,6 +8,8 @@ generator step (two time-scales).
 A K-step generator maps z at t_k = (K - k) / K to x. Backward simulation: k_i ~ U{0..K-1} per
 example and z_{t_k} comes from k generator steps run without gradient (DMD2 re-noises each x_hat
 with fresh noise; TDM follows its own deterministic DDIM trajectory). Only the last step trains.
+Variants: 'dmd2'; 'tdm' (the paper's and its official code's objective); 'tdm_fresh_noise' (the
+project's earlier TDM: DMD2's diffusion of x_hat with fresh noise, restricted to [s_k, t_k]).
 TDM-unify (beyond the papers): with `unify_steps` = (1, 2, 4), K itself is drawn per example and
 both the generator and the critic are told K (a zero-initialised step embedding), so one
 generator samples well with each K.
@@ -22,10 +24,14 @@ DMD2 generator step, x = G(z_{t_k}):
      pairs computed once before training, `regression_pairs`; or `regression_source='data'`:
      step k from data noised to t_k onto the teacher's segment run online, fresh every step)]
   [+ non-saturating GAN loss from a head on the critic's bottleneck features]
-TDM generator step, x_s = G(z_{t_k}):
-  target = sg(x_s + (x_real - x_fake)),  loss = pseudo_huber(x_s - target) / sg(mean|x_s - x_real|).
+TDM generator step, (x_hat, eps_hat) = G(z_{t_k}), s = s_k = t_k - 1/K:
+  z_s = alpha_s x_hat + sigma_s eps_hat (the student's trajectory state; z_0 = x_hat),
+  t ~ U[s, t_k],  z_t = (alpha_t / alpha_s) z_s + sigma_{t|s} eps  (`diffuse_trajectory_state`),
+  target = sg(x_hat + (x_real - x_fake)),  loss = pseudo_huber_c(x_hat - target) / sg(mean|x_hat - x_real|)
+  ('tdm_fresh_noise': z_t = alpha_t x_hat + sigma_t eps instead; the two agree at the last step).
 Critic step: a denoising loss on sg(G samples), weighted by `critic_weighting`: DMD2 the
-  teacher's (v_mse), TDM x0-MSE x min(SNR, gamma) (min_snr, gamma = config.diffusion.min_snr_gamma).
+  teacher's (v_mse), TDM x0-MSE x min(SNR, gamma) (min_snr, gamma = config.diffusion.min_snr_gamma),
+  'tdm' also by the importance weight of its noise (`trajectory_importance_weight`).
 """
 from __future__ import annotations
 
@@ -41,18 +47,51 @@ import numpy as np
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.diffusion.parameterization import broadcast_to_data, clip_x0, forward_process
 from jdistill.diffusion.sampling import ddim_segment, ddim_step, ddim_x_target, renoise_step
+from jdistill.diffusion.schedules import alpha_sigma
 from jdistill.models.denoiser import with_step_embedding
 from jdistill.models.unet import MAX_STEPS
 from jdistill.objectives import state as state_lib
 from jdistill.objectives.state import TrainState
 
-VARIANTS = ("dmd2", "tdm")
+VARIANTS = ("dmd2", "tdm", "tdm_fresh_noise")
 REGRESSION_SOURCES = ("pairs", "data")
 
 
 def draw_step_index(rng, steps):
   """k ~ U{0..K-1} per example: which step of its K-step generator an example trains."""
   return jnp.floor(jax.random.uniform(rng, steps.shape) * steps).astype(jnp.int32)
+
+
+def diffuse_trajectory_state(x_hat, eps_hat, logsnr_s, logsnr_t, s, eps):
+  """TDM: the student's trajectory state at s, z_s = alpha_s x_hat + sigma_s eps_hat (x_hat itself
+  at s = 0, where the sampler returns x_hat), diffused forward to t >= s with fresh noise eps:
+
+    z_t = (alpha_t / alpha_s) z_s + sigma_{t|s} eps,  sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2,
+
+  so z_t = alpha_t x_hat + sigma_t eps_mix with eps_mix = ((alpha_t / alpha_s) sigma_s eps_hat
+  + sigma_{t|s} eps) / sigma_t. Returns (z_t, eps_mix); per-example (B,) logsnr_s, logsnr_t, s."""
+  alpha_s, sigma_s = alpha_sigma(broadcast_to_data(logsnr_s, x_hat))
+  at_end = broadcast_to_data(s, x_hat) == 0.0
+  alpha_s, sigma_s = jnp.where(at_end, 1.0, alpha_s), jnp.where(at_end, 0.0, sigma_s)
+  alpha_t, sigma_t = alpha_sigma(broadcast_to_data(logsnr_t, x_hat))
+  alpha_ts = alpha_t / alpha_s
+  sigma_ts = jnp.sqrt(jnp.maximum(jnp.square(sigma_t) - jnp.square(alpha_ts * sigma_s), 0.0))
+  z_s = alpha_s * x_hat + sigma_s * eps_hat
+  eps_mix = (alpha_ts * sigma_s * eps_hat + sigma_ts * eps) / sigma_t
+  return alpha_ts * z_s + sigma_ts * eps, eps_mix
+
+
+def trajectory_importance_weight(eps_mix, eps):
+  """TDM's importance weight for the fake score's denoising loss. Its z_t = alpha_t x_hat +
+  sigma_t eps_mix is drawn through the fresh eps ~ N(0, I), so eps_mix is not N(0, I) noise; the
+  weight moves the loss towards the denoising target's N(0, I) by the density ratio, per dimension
+  (the d-th root; d the data size) as in the official code, which also drops the constant factor:
+
+    w = [N(eps_mix; 0, I) / N(eps; 0, I)]^(1/d) = exp(-(||eps_mix||^2 - ||eps||^2) / (2 d)).
+
+  w = 1 at the last step (s = 0: eps_mix = eps). Per example, (B,)."""
+  axes = tuple(range(1, eps.ndim))
+  return jnp.exp(-0.5 * (jnp.mean(jnp.square(eps_mix), axis=axes) - jnp.mean(jnp.square(eps), axis=axes)))
 
 
 @flax.struct.dataclass
@@ -90,10 +129,10 @@ class DistributionMatchingObjective(state_lib.Objective):
   regression_steps: int = 32
   regression_source: str = "pairs"  # 'pairs': fixed, frozen['regression']; 'data': online from data
   gan_weight: float = 0.0
-  huber_c: float = 0.03
+  huber_c: float = 0.03             # TDM's pseudo-Huber constant (the paper's: 1e-3)
   remat: bool = False
   unify_steps: tuple = ()          # TDM-unify: K drawn per example from these, told to both nets
-  step_intervals: bool = True      # TDM: diffuse step k's x_hat only within its interval [s_k, t_k]
+  step_intervals: bool = True      # TDM: diffuse step k's output only to t in [s_k, t_k]
   step_aware_critic: bool = True   # K > 1: the critic is told which step made each sample
   clip_x: bool = False             # rollouts clip x_hat to [-1, 1] like the sampler does
   lora: Any = None                 # a LoRA: generator and critic train adapters over the teacher
@@ -266,19 +305,24 @@ class DistributionMatchingObjective(state_lib.Objective):
   def generate(self, params, z_k, t_k, label, steps):
     return self._predict(params, z_k, t_k, label, steps=steps).x0
 
+  def generate_step(self, params, z_k, t_k, label, steps):
+    """The generator's step t_k -> s_k: its Prediction (x_hat, eps_hat)."""
+    return self._predict(params, z_k, t_k, label, steps=steps)
+
   def gan_logit(self, critic_params, z_t, t, label):
     _, (features,) = self.denoiser.predict_with_features(critic_params["score"], z_t, self.schedule(t), label)
     pooled = jnp.mean(features, axis=tuple(range(1, features.ndim - 1)))
     return (pooled @ critic_params["gan_head"]["w"] + critic_params["gan_head"]["b"])[:, 0]
 
   def noise_interval(self, t_k, steps, low=0.0, high=1.0):
-    """Where x_hat of the step from t_k to s_k = t_k - 1/K is diffused to. TDM (step_intervals):
-    [s_k, t_k], the noise levels that step is responsible for, so the critic models each step's
-    own output distribution (no mixture over steps); DMD2: [low, high]."""
-    if self.variant != "tdm" or not self.step_intervals:
+    """Where the output of the step from t_k to s_k = t_k - 1/K is diffused to. TDM
+    (step_intervals): [s_k, t_k], the noise levels that step is responsible for, so the critic
+    models each step's own output distribution (no mixture over steps); without step_intervals
+    'tdm' still starts at s_k (its trajectory state at s_k only diffuses forward); DMD2: [low, high]."""
+    if self.variant == "dmd2" or (self.variant == "tdm_fresh_noise" and not self.step_intervals):
       return low, high
     s_k = t_k - 1.0 / steps.astype(jnp.float32)
-    return jnp.maximum(s_k, low), jnp.minimum(t_k, high)
+    return jnp.maximum(s_k, low), jnp.minimum(t_k, high) if self.step_intervals else high
 
   def _noise(self, x, rng, low, high):
     rng_t, rng_eps = jax.random.split(rng)
@@ -286,22 +330,40 @@ class DistributionMatchingObjective(state_lib.Objective):
     z_t, logsnr = forward_process(x, t, jax.random.normal(rng_eps, x.shape), self.schedule)
     return z_t, t, logsnr
 
+  def noise_generated(self, generated, t_k, steps, rng, low=0.0, high=1.0):
+    """z_t from the generator's step t_k -> s_k (`generated`: its Prediction), t drawn in
+    `noise_interval`: 'tdm' diffuses its trajectory state z_s forward (`diffuse_trajectory_state`),
+    the others x_hat with fresh noise. Returns (z_t, t, logsnr_t, importance weight (B,) or 1)."""
+    low, high = self.noise_interval(t_k, steps, low, high)
+    if self.variant != "tdm":
+      return (*self._noise(generated.x0, rng, low, high), 1.0)
+    rng_t, rng_eps = jax.random.split(rng)
+    x = generated.x0
+    t = jax.random.uniform(rng_t, (x.shape[0],), minval=low, maxval=high)
+    eps = jax.random.normal(rng_eps, x.shape)
+    s = jnp.maximum(t_k - 1.0 / steps.astype(jnp.float32), 0.0)
+    logsnr = self.schedule(t)
+    z_t, eps_mix = diffuse_trajectory_state(x, generated.eps, self.schedule(s), logsnr, s, eps)
+    return z_t, t, logsnr, trajectory_importance_weight(eps_mix, eps)
+
   # ---------------------------------------------------------------- losses
-  def critic_loss(self, critic_params, x_generated, x_data, label, steps, t_k, rng, frozen=None):
+  def critic_loss(self, critic_params, generated, x_data, label, steps, t_k, rng, frozen=None):
+    """`generated`: sg of the generator's Prediction (x_hat, eps_hat) at the rolled-out step."""
     critic_params = self.full_critic(critic_params, frozen)
+    x_generated = generated.x0
     rng_noise, rng_gan = jax.random.split(rng)
-    z_t, t, logsnr = self._noise(x_generated, rng_noise, *self.noise_interval(t_k, steps))
+    z_t, t, logsnr, weight = self.noise_generated(generated, t_k, steps, rng_noise)
     pred = self._predict(critic_params["score"], z_t, t, label, steps=self.critic_step_ids(steps, t_k))
-    # DMD2: the teacher's weighting (v_mse); TDM: x0-MSE x min(SNR, 5) (t is uniform in its
-    # interval, so TDM's importance weight is 1)
-    loss = jnp.mean(weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting,
-                                     self.min_snr_gamma))
+    # DMD2: the teacher's weighting (v_mse); TDM: x0-MSE x min(SNR, 5), 'tdm' x its importance weight
+    loss = jnp.mean(weight * weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting,
+                                              self.min_snr_gamma))
     metrics = {"critic_denoising_loss": loss}
-    if self.gan_weight > 0:
-      z_fake, t_gan, _ = self._noise(x_generated, rng_gan, self.t_min, self.t_max)
-      z_real, _, _ = self._noise(x_data, rng_gan, self.t_min, self.t_max)
-      gan = jnp.mean(jax.nn.softplus(-self.gan_logit(critic_params, z_real, t_gan, label)) +
-                     jax.nn.softplus(self.gan_logit(critic_params, z_fake, t_gan, label)))
+    if self.gan_weight > 0:      # real and fake each at their own t and noise
+      rng_fake, rng_real = jax.random.split(rng_gan)
+      z_fake, t_fake, _ = self._noise(x_generated, rng_fake, self.t_min, self.t_max)
+      z_real, t_real, _ = self._noise(x_data, rng_real, self.t_min, self.t_max)
+      gan = jnp.mean(jax.nn.softplus(-self.gan_logit(critic_params, z_real, t_real, label)) +
+                     jax.nn.softplus(self.gan_logit(critic_params, z_fake, t_fake, label)))
       loss = loss + self.gan_weight * gan
       metrics["critic_gan_loss"] = gan
     return loss, metrics
@@ -310,9 +372,10 @@ class DistributionMatchingObjective(state_lib.Objective):
                      regression=None, x_data=None, frozen=None):
     params, critic_params = self.full(params, frozen), self.full_critic(critic_params, frozen)
     rng_noise, rng_gan, rng_pairs = jax.random.split(rng, 3)
-    x = self.generate(params, z_k, t_k, label, steps)
-    z_t, t, _ = self._noise(jax.lax.stop_gradient(x), rng_noise,
-                            *self.noise_interval(t_k, steps, self.t_min, self.t_max))
+    generated = self.generate_step(params, z_k, t_k, label, steps)
+    x = generated.x0
+    z_t, t, _, _ = self.noise_generated(jax.lax.stop_gradient(generated), t_k, steps, rng_noise,
+                                        self.t_min, self.t_max)
     x_real = self._predict(teacher_params, z_t, t, label, self.guidance).x0
     x_fake = self._predict(critic_params["score"], z_t, t, label,
                            steps=self.critic_step_ids(steps, t_k)).x0
@@ -371,9 +434,9 @@ class DistributionMatchingObjective(state_lib.Objective):
     # the critic: denoise the generator's current samples
     generator_params = self.full(state.generator.params, frozen)
     z_k, t_k = self.rollout(generator_params, noise, label, steps, rng_roll)
-    x_generated = jax.lax.stop_gradient(self.generate(generator_params, z_k, t_k, label, steps))
+    generated = jax.lax.stop_gradient(self.generate_step(generator_params, z_k, t_k, label, steps))
     (critic_loss, critic_metrics), critic_grads = jax.value_and_grad(self.critic_loss, has_aux=True)(
-        state.critic.params, x_generated, batch["x"], label, steps, t_k, rng_critic, frozen)
+        state.critic.params, generated, batch["x"], label, steps, t_k, rng_critic, frozen)
     critic, critic_update = state_lib.optimizer_update(    # lr by train_step calls
         state.critic, critic_grads, self.critic_optimizer, self.critic_optim, self.num_steps,
         step=state.step)
