@@ -9,8 +9,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import kill_resume  # noqa: E402
 
-LOSS_TAGS = {"progressive": {"stage0_2steps/loss", "stage1_1steps/loss"}, "dmd2": {"loss"}}
-
 
 @pytest.mark.parametrize("method", ["progressive", "dmd2"])
 def test_killed_and_resumed_run_ends_bit_for_bit_like_the_unbroken_one(tmp_path, method):
@@ -20,6 +18,9 @@ def test_killed_and_resumed_run_ends_bit_for_bit_like_the_unbroken_one(tmp_path,
   assert record["kills"] == 1
   assert record["bitwise_equal_endings"] == record["runs"] >= 1
   assert record["corrupt_checkpoints"] == 0
-  scalars = kill_resume.tensorboard_events(str(tmp_path / method / "unbroken"))
-  for tag in LOSS_TAGS[method]:          # the TensorBoard comparison had the loss curves
-    assert [step for step, _ in scalars[tag]][-1] == 20 or tag.startswith("stage0")
+  # the TensorBoard comparison covered the whole run (both stages)
+  steps = {tag: [step for step, _ in events] for tag, events in
+           kill_resume.tensorboard_events(str(tmp_path / method / "unbroken")).items()}
+  assert max(max(s) for s in steps.values()) == 20
+  if method == "progressive":
+    assert {tag.split("/")[0] for tag in steps} >= {"stage0_2steps", "stage1_1steps"}
