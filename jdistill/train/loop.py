@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import periodic_actions
+from clu import metric_writers, periodic_actions
 
 from jdistill import partitioning
 from jdistill.data import pipeline
@@ -145,10 +145,13 @@ def run(objective: Objective, settings: Settings, *, workdir: str, mesh, train_d
     state = initial_state()
   else:
     state = init_state(objective, compiled, jax.random.key(seed))
+  if start < num_steps:
+    mark_restart(writer, global_step_offset + start + 1)
   iterator = pipeline.make_iterator(train_data, iterator_state, settings.prefetch_threads)
   base_rng = jax.random.key(seed + 1)
 
   def checkpoint(step, force=False, stopped_early=False):
+    writer.flush()          # the events up to `step` are on disk before a resume would skip them
     saved_meta = dict(meta or {}, step=step, data_iterator=iterator.get_state(), best=float(best),
                       evals_since_best=evals_since_best, stopped_early=stopped_early)
     ckpt_lib.save(manager, step, state, saved_meta, force=force)
@@ -206,6 +209,24 @@ def run(objective: Objective, settings: Settings, *, workdir: str, mesh, train_d
   manager.wait_until_finished()
   writer.flush()
   return state, last_eval
+
+
+def mark_restart(writer, step: int):
+  """A SessionLog START at `step` in each TensorBoard event file of the CLU `writer`: TensorBoard
+  drops the events written earlier at steps >= `step` (a killed run's, which this run rewrites)."""
+  import tensorflow as tf
+  from tensorflow.python.ops import summary_ops_v2
+  writer.flush()
+  event = tf.compat.v1.Event(wall_time=time.time(), step=step, session_log=tf.compat.v1.SessionLog(
+      status=tf.compat.v1.SessionLog.START)).SerializeToString()
+  pending = [writer]
+  while pending:            # MultiWriter(AsyncWriter(SummaryWriter), ...) -> the SummaryWriters
+    w = pending.pop()
+    pending += list(getattr(w, "_writers", ())) + ([w._writer] if hasattr(w, "_writer") else [])
+    if isinstance(w, metric_writers.SummaryWriter):
+      with w._summary_writer.as_default():
+        summary_ops_v2.import_event(tf.constant(event))
+      w.flush()
 
 
 def _summarise(metrics_list, step):

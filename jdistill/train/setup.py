@@ -71,13 +71,15 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
                     config.model.num_classes, train_source.num_classes)
   denoiser = make_denoiser(config.model, train_source.data_shape, config.diffusion.parameterization)
   schedule = make_schedule(config.diffusion.schedule)
+  resumed = any(epath.Path(workdir).glob("events.out.tfevents.*"))
   # a tool run (sampling, caching: record_config=False) leaves no event file in the run directory
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0 or not record_config)
   sampler = Sampler(denoiser, schedule, train_source.data_shape, clip_x=config.diffusion.clip_x,
                     batch_size=config.eval.batch_size)
-  if record_config:
+  if record_config and not resumed:        # once per run directory, on disk before a kill
     writer.write_hparams(flat_hparams(config.to_dict()))
+    writer.flush()
   fd = None
   if evaluator:
     fd = FDEvaluator(sampler, test_source, config.eval.features, config.eval.num_samples,
