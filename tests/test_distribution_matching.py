@@ -320,7 +320,8 @@ def test_driver_writes_summary_and_keeps_the_best_generator(tmp_path):
   assert best.latest_step() in (10, 20)
   assert json.load(open(tmp_path / "config.json"))["dmd"]["variant"] == "dmd2"
   # the exported generator says how it samples (jdistill.sample --checkpoint=generator.msgpack)
-  assert json.load(open(tmp_path / "generator.json"))["sampling"] == {"mode": "renoise", "steps": 1}
+  assert json.load(open(tmp_path / "generator.json"))["sampling"] == {"mode": "renoise", "steps": 1,
+                                                                   "guidance": 0.0}
 
 
 def test_step_aware_critic_is_told_which_step_made_each_sample(tmp_path):

@@ -154,9 +154,11 @@ def floor_lines(exp) -> list:
                  f"{floors['fd_data']:.4g}; memorised share of the held-out split itself: "
                  f"{floors['memorised']:.3f}.")
   if "fd_teacher" in floors:
-    params, steps, mode = exp.evaluator.teacher
-    lines.append(f"FD (teacher) is to {count} samples of the teacher ({steps} {mode} steps, other "
-                 f"noise seeds); its floor, the teacher against itself: {floors['fd_teacher']:.4g}.")
+    _, steps, mode, guidance = exp.evaluator.teacher
+    guided = f", guidance {guidance:g}" if guidance else ""
+    lines.append(f"FD (teacher) is to {count} samples of the teacher ({steps} {mode} steps{guided}, "
+                 f"other noise seeds); its floor, the teacher against itself: "
+                 f"{floors['fd_teacher']:.4g}.")
   return lines
 
 
