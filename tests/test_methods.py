@@ -13,6 +13,7 @@ from flax import serialization
 from conftest import tiny_teacher_params, tiny_unet
 from jdistill import methods
 from jdistill.data import pipeline
+from jdistill.diffusion.parameterization import Prediction
 from jdistill.errors import ConfigError
 from jdistill.eval.evaluate import FDEvaluator, Sampler
 from jdistill.methods import distribution_matching as dm_method
@@ -182,7 +183,7 @@ def worsening_fd(monkeypatch):
   """Every evaluation scores worse than the one before (the first is the best)."""
   scores = iter(range(1000))
 
-  def evaluate(self, params, num_steps, mode="ddim", final=False, grid=None):
+  def evaluate(self, params, num_steps, mode="ddim", final=False, grid=None, guidance=0.0):
     count = self.final_num_samples if final else self.num_samples
     return {"fd": float(next(scores)), "ms_per_sample": 1.0}, np.zeros((count, *self.sampler.data_shape))
   monkeypatch.setattr(FDEvaluator, "evaluate", evaluate)
@@ -236,9 +237,10 @@ def test_min_snr_gamma_reaches_the_progressive_loss_and_the_critic(name, tmp_pat
     c.dmd.critic_weighting = weighting
     critic = nn.unbox(dm_method.make_objective(exp, 10).init_state(rng)).critic.params
     steps = jnp.ones((16,), jnp.int32)
+    x = jnp.asarray(batch["x"])
+    generated = Prediction(x, jnp.zeros_like(x), jnp.zeros_like(x))    # DMD2 noises x_hat afresh
     return float(dm_method.make_objective(exp, 10).critic_loss(
-        critic, jnp.asarray(batch["x"]), jnp.asarray(batch["x"]), None, steps, jnp.ones((16,)),
-        rng)[0])
+        critic, generated, x, None, steps, jnp.ones((16,)), rng)[0])
 
   eps_mse = loss("eps_mse", 5.0)
   np.testing.assert_allclose(loss("min_snr", 1e30), eps_mse, rtol=1e-6)

@@ -354,7 +354,7 @@ class DistributionMatchingObjective(state_lib.Objective):
     rng_noise, rng_gan = jax.random.split(rng)
     z_t, t, logsnr, weight = self.noise_generated(generated, t_k, steps, rng_noise)
     pred = self._predict(critic_params["score"], z_t, t, label, steps=self.critic_step_ids(steps, t_k))
-    # DMD2: the teacher's weighting (v_mse); TDM: x0-MSE x min(SNR, 5), 'tdm' x its importance weight
+    # DMD2: the teacher's weighting (v_mse); TDM: x0-MSE x min(SNR, gamma), 'tdm' x its importance weight
     loss = jnp.mean(weight * weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting,
                                               self.min_snr_gamma))
     metrics = {"critic_denoising_loss": loss}
