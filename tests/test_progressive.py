@@ -354,7 +354,7 @@ def test_direct_variant_distils_from_the_original_teacher(toy_teacher, tmp_path,
   evaluations = []
   evaluate = FDEvaluator.evaluate
 
-  def recording(self, params, num_steps, mode="ddim", final=False, grid=None):
+  def recording(self, params, num_steps, mode="ddim", final=False, grid=None, guidance=0.0):
     evaluations.append((num_steps, final, grid))
     return evaluate(self, params, num_steps, mode, final, grid)
   monkeypatch.setattr(FDEvaluator, "evaluate", recording)
@@ -366,7 +366,7 @@ def test_direct_variant_distils_from_the_original_teacher(toy_teacher, tmp_path,
   assert row["steps"] == 2 and row["grid"] == grid
   for path in ("stages/0_2steps/student.json", "student.json"):
     with open(os.path.join(tmp_path, path)) as f:
-      assert json.load(f)["sampling"] == {"mode": "ddim", "steps": 2, "grid": grid}
+      assert json.load(f)["sampling"] == {"mode": "ddim", "steps": 2, "guidance": 0.0, "grid": grid}
   assert (6, True, None) in evaluations                    # the original teacher: uniform
   student = [e for e in evaluations if e[0] == 2 and e[2] is not None]
   assert student and all(e[2] == grid for e in student)
