@@ -17,7 +17,7 @@ from jdistill.diffusion.schedules import make_schedule
 from jdistill.eval.evaluate import FDEvaluator, Sampler
 from jdistill.models.denoiser import make_denoiser
 from jdistill.objectives import state as state_lib
-from jdistill import partitioning
+from jdistill import partitioning, resume
 
 
 @dataclasses.dataclass
@@ -112,12 +112,7 @@ def initialise_distributed_from_flags():
                              num_processes=f.num_processes, process_id=f.process_id)
 
 
-def flat_hparams(tree, prefix=""):
+def flat_hparams(tree):
   """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; tuples become strings (TensorBoard hparams)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flat_hparams(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-  return flat
+  return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+          for key, value in resume.flatten(tree).items()}
