@@ -30,7 +30,7 @@ def build(args, workdir):
   import jax
   import jax.numpy as jnp
   from jdistill.methods import progressive
-  from jdistill.diffusion.schedules import make_schedule
+  from jdistill.diffusion.schedules import make_schedule, path_of
   from jdistill.eval.evaluate import Sampler
   from jdistill.models.denoiser import make_denoiser
   from jdistill.train import setup
@@ -44,7 +44,8 @@ def build(args, workdir):
     return exp.sampler, params, f"bundled digits teacher (8x8x1, {count / 1e6:.2f}M params)", exp
   common.set_model(config, args.model, args.resolution, args.dtype)
   shape = (args.resolution, args.resolution, common.DATA_CHANNELS)
-  denoiser = make_denoiser(config.model, shape, config.diffusion.parameterization)
+  denoiser = make_denoiser(config.model, shape, config.diffusion.parameterization,
+                             path_of(config.diffusion.schedule))
   params = jax.jit(lambda r: nn.unbox(denoiser.init(r, jnp.zeros((1, *shape)))["params"]))(
       jax.random.key(0))
   sampler = Sampler(denoiser, make_schedule(config.diffusion.schedule), shape,

@@ -75,7 +75,7 @@ class Ours:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from jdistill.diffusion.schedules import make_schedule
+    from jdistill.diffusion.schedules import make_schedule, path_of
     from jdistill.models.denoiser import make_denoiser
     from jdistill import partitioning
     from jdistill.methods import distribution_matching, progressive, teacher as teacher_method
@@ -83,7 +83,8 @@ class Ours:
     from jdistill.train import loop
 
     shape = (resolution, resolution, common.DATA_CHANNELS)
-    denoiser = make_denoiser(config.model, shape, config.diffusion.parameterization)
+    denoiser = make_denoiser(config.model, shape, config.diffusion.parameterization,
+                             path_of(config.diffusion.schedule))
     exp = BenchExperiment(config, denoiser, make_schedule(config.diffusion.schedule), shape)
     mesh = partitioning.make_mesh(1, jax.devices()[:1])
     boxed = jax.eval_shape(lambda: denoiser.init(jax.random.key(0), jnp.zeros((1, *shape)))["params"])

@@ -14,22 +14,32 @@ from jdistill.diffusion.losses import WEIGHTINGS
 from jdistill.diffusion.parameterization import PARAMETERIZATIONS
 from jdistill.diffusion.schedules import SCHEDULES
 from jdistill.errors import ConfigError, check_choice
-from jdistill.models.denoiser import MODELS
+from jdistill.models.denoiser import MODELS, TIME_INPUTS
 from jdistill.objectives.progressive import FEATURE_SCHEDULES
 from jdistill.objectives.state import LR_SCHEDULES, OPTIMIZERS
 
 PRESETS = ("digits", "toy2d", "mnist", "cifar10", "imagenet64")
+FLOW = "_flow"      # `<preset>_flow`: the preset on the rectified-flow path (e.g. `digits_flow`)
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def data_preset(preset: str) -> str:
+  """The preset without its `_flow` suffix (what sizes data, model and budget)."""
+  return preset[:-len(FLOW)] if preset.endswith(FLOW) else preset
 DATA_SOURCES = ("digits", "toy2d", "tfds", "image_folder")
 FEATURE_NETS = ("digits", "raw", "inception")
 
 
 def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
-  preset = preset or "digits"
+  """The shared sections of `preset` (one of PRESETS, or one with the `_flow` suffix)."""
+  full_preset = preset or "digits"
+  preset = data_preset(full_preset)
   if preset not in PRESETS:
-    raise ConfigError(f"config preset: unknown {preset!r}; choose one of {PRESETS}")
+    raise ConfigError(f"config preset: unknown {full_preset!r}; choose one of {PRESETS}, each "
+                      f"also as `<preset>{FLOW}` (rectified flow)")
   c = ml_collections.ConfigDict()
   c.method = "teacher"
-  c.preset = preset
+  c.preset = full_preset
   c.seed = 0
 
   c.data = ml_collections.ConfigDict(dict(
@@ -37,16 +47,22 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
       resolution=0, batch_size=128, flip=False))
   c.model = ml_collections.ConfigDict(dict(
       name="unet", channels=48, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(4,),
-      num_heads=1, dropout=0.0, num_classes=0, norm_groups=8, dtype="float32"))
+      num_heads=1, dropout=0.0, num_classes=0, norm_groups=8, dtype="float32",
+      time_input="logsnr"))     # the network's time: 'logsnr', or the flow's tau: 't', 't1000'
+
   c.diffusion = ml_collections.ConfigDict(dict(
       # 'linear' / 'scaled_linear': DDPM beta schedules over num_train_timesteps; the default
       # betas are Stable Diffusion's (with 'scaled_linear'; DDPM's own 'linear' is 1e-4 to 0.02);
-      # zero_terminal_snr rescales them to reach pure noise (Lin et al. 2024)
+      # zero_terminal_snr rescales them to reach pure noise (Lin et al. 2024); 'flow': rectified
+      # flow, z = (1 - tau) x + tau eps, tau = shift t / (1 + (shift - 1) t) (SD3)
       schedule=ml_collections.ConfigDict(dict(name="cosine", num_train_timesteps=1000,
                                               beta_start=0.00085, beta_end=0.012,
-                                              zero_terminal_snr=False)),
+                                              zero_terminal_snr=False, shift=1.0)),
       parameterization="v", loss_weighting="v_mse", min_snr_gamma=5.0, label_dropout=0.1,
-      clip_x=True, guidance=0.0))
+      clip_x=True, guidance=0.0,
+      # the denoising objective's training times: t ~ U(0, 1), or 'logit_normal' (SD3):
+      # t = sigmoid(n), n ~ N(logit_mean, logit_std^2)
+      time_sampling="uniform", logit_mean=0.0, logit_std=1.0))
   c.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, warmup_steps=200, schedule="cosine", final_lr_fraction=0.05,
       grad_clip=1.0, weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, ema_decay=0.9995,
@@ -96,6 +112,9 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
     c.train.update(num_steps=800_000 if preset != "mnist" else 100_000, log_every=1000,
                    eval_every=50_000, save_every=10_000)
     c.eval.update(features="inception" if preset != "mnist" else "raw", num_samples=50_000)
+  if full_preset.endswith(FLOW):        # a rectified-flow model: its velocity, its MSE
+    c.diffusion.schedule.name = "flow"
+    c.diffusion.loss_weighting = "flow_v_mse"
   return c
 
 
@@ -140,6 +159,22 @@ def validate(config, num_devices: int):
         "'scaled_linear'); 'cosine' already ends at pure noise")
   check(config.diffusion.schedule.num_train_timesteps >= 1, "diffusion.schedule.num_train_timesteps",
         "must be >= 1")
+  shift = config.diffusion.schedule.get("shift", 1.0)
+  check(shift > 0, "diffusion.schedule.shift", f"must be > 0, got {shift}")
+  check(shift == 1.0 or config.diffusion.schedule.name == "flow", "diffusion.schedule.shift",
+        f"shifts the 'flow' schedule's time; schedule {config.diffusion.schedule.name!r} has none")
+  time_input = config.model.get("time_input", "logsnr")
+  check_choice("model.time_input", time_input, TIME_INPUTS)
+  check(time_input == "logsnr" or config.diffusion.schedule.name == "flow", "model.time_input",
+        f"{time_input!r} is the flow path's tau; a model of the {config.diffusion.schedule.name!r} "
+        "schedule takes 'logsnr'")
+  check_choice("diffusion.time_sampling", config.diffusion.get("time_sampling", "uniform"),
+               TIME_SAMPLINGS)
+  check(config.diffusion.get("logit_std", 1.0) > 0, "diffusion.logit_std",
+        f"must be > 0, got {config.diffusion.get('logit_std')}")
+  check(config.diffusion.get("time_sampling", "uniform") == "uniform"
+        or config.curriculum.sampler == "uniform", "diffusion.time_sampling",
+        "the adaptive curriculum draws its own times; use time_sampling='uniform' with it")
   check(config.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {config.data.batch_size}")
   check(config.data.batch_size % num_devices == 0, "data.batch_size",
         f"{config.data.batch_size} is not divisible by the {num_devices} devices")

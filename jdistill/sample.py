@@ -39,8 +39,9 @@ flags.DEFINE_integer("num_steps", None, "Sampling steps (default: the exported m
 flags.DEFINE_integer("num_samples", 100, "How many samples.", lower_bound=1)
 flags.DEFINE_string("out", "samples.npz", "Output .npz path (a PNG grid is written next to it).")
 flags.DEFINE_integer("seed", 0, "Noise seed.", lower_bound=0)
-flags.DEFINE_enum("mode", None, ["ddim", "ancestral", "renoise"],
-                  "Sampler: DDIM, DDPM ancestral, or re-noising (DMD2 generators). Default: the "
+flags.DEFINE_enum("mode", None, ["ddim", "euler", "ancestral", "renoise"],
+                  "Sampler: DDIM (= Euler on a flow's velocity), DDPM ancestral, or re-noising "
+                  "(DMD2 generators). Default: the "
                   "exported model's, else the method's.")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance weight. Default: the exported "
                    "model's; else config.diffusion.guidance for a teacher run, 0 for distilled "

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------- validate
 
-@pytest.mark.parametrize("preset", ["digits", "toy2d"])
+@pytest.mark.parametrize("preset", ["digits", "toy2d", "digits_flow"])
 def test_valid_cpu_configs_pass(preset):
   validate(base_config(preset), 1)
   validate(teacher_config.get_config(preset), 2)
@@ -101,6 +101,14 @@ def _mutations():
       ("diffusion.schedule.zero_terminal_snr", set_("diffusion.schedule.zero_terminal_snr", True), 1),
       ("optim.final_lr_fraction", set_("optim.final_lr_fraction", 1.5), 1),
       ("diffusion.schedule.num_train_timesteps", set_("diffusion.schedule.num_train_timesteps", 0), 1),
+      ("diffusion.schedule.shift", set_("diffusion.schedule.shift", 3.0), 1),   # not a flow
+      ("diffusion.schedule.shift", lambda c: c.diffusion.schedule.update(name="flow", shift=0.0), 1),
+      ("model.time_input", set_("model.time_input", "sigma"), 1),
+      ("model.time_input", set_("model.time_input", "t1000"), 1),             # a VP model
+      ("diffusion.time_sampling", set_("diffusion.time_sampling", "beta"), 1),
+      ("diffusion.logit_std", set_("diffusion.logit_std", 0.0), 1),
+      ("diffusion.time_sampling", lambda c: (c.diffusion.update(time_sampling="logit_normal"),
+                                             c.curriculum.update(sampler="adaptive")), 1),
   ]
 
 

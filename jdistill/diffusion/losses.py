@@ -1,7 +1,9 @@
 """Loss weightings, all written as w(logsnr) * ||x_hat - x||^2 (per example).
 
 With SNR = exp(logsnr):  ||eps_hat - eps||^2 = SNR ||x_hat - x||^2  and
-||v_hat - v||^2 = (1 + SNR) ||x_hat - x||^2, so every weighting is a weight on the x-MSE.
+||v_hat - v||^2 = (1 + SNR) ||x_hat - x||^2, so every weighting is a weight on the x-MSE. On the
+rectified-flow path x_hat - x = -tau (v_hat - v) for its velocity v = eps - x, and
+tau = 1 / (1 + SNR^(1/2)): its v-MSE is (1 + SNR^(1/2))^2 ||x_hat - x||^2 ('flow_v_mse').
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-WEIGHTINGS = ("eps_mse", "x_mse", "v_mse", "snr_trunc", "min_snr")
+WEIGHTINGS = ("eps_mse", "x_mse", "v_mse", "snr_trunc", "min_snr", "flow_v_mse")
 
 
 def x_mse_weight(weighting: str, logsnr, min_snr_gamma: float = 5.0):
@@ -24,6 +26,8 @@ def x_mse_weight(weighting: str, logsnr, min_snr_gamma: float = 5.0):
     return jnp.maximum(snr, 1.0)
   if weighting == "min_snr":              # min-SNR-gamma (Hang et al. 2023)
     return jnp.minimum(snr, min_snr_gamma)
+  if weighting == "flow_v_mse":           # 1 / tau^2: rectified flow's velocity MSE
+    return jnp.square(1.0 + jnp.exp(0.5 * logsnr))
   raise ValueError(f"loss weighting: unknown {weighting!r}; choose one of {WEIGHTINGS}")
 
 
@@ -41,7 +45,7 @@ def per_example_huber(error, delta: float):
 def weighted_x_loss(x_hat, x_target, logsnr, weighting: str, min_snr_gamma: float = 5.0,
                     huber_delta: Optional[float] = None):
   """Per-example w(logsnr) * mean((x_hat - x_target)^2); with `huber_delta`, the Huber loss of the
-  weighted error sqrt(w) (x_hat - x_target) instead (for v_mse: of v_hat - v_target)."""
+  weighted error sqrt(w) (x_hat - x_target) instead (for v_mse, flow_v_mse: of v_hat - v_target)."""
   weight = x_mse_weight(weighting, logsnr, min_snr_gamma)
   if huber_delta is None:
     return weight * per_example_mse(x_hat, x_target)

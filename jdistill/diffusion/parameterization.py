@@ -2,6 +2,11 @@
 
 With z = alpha x + sigma eps (alpha^2 + sigma^2 = 1) and v = alpha eps - sigma x:
   x = alpha z - sigma v,   eps = sigma z + alpha v.
+
+A Prediction is always of the variance-preserving z. A model of the rectified-flow path (its
+`path` is 'flow') sees z_flow = (1 - tau) x + tau eps = z / (alpha + sigma), and its 'v' is the
+flow velocity dz_flow/dtau = eps - x:  x = z_flow - tau v,  eps = z_flow + (1 - tau) v. Its 'x'
+and 'eps' outputs mean what they mean on the VP path.
 """
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from jdistill.diffusion.schedules import alpha_sigma
+from jdistill.diffusion.schedules import alpha_sigma, flow_time
 
 PARAMETERIZATIONS = ("eps", "x", "v", "both")
 
@@ -56,8 +61,31 @@ def from_v(v, z, logsnr):
   return Prediction(x0=alpha * z - sigma * v, eps=sigma * z + alpha * v, v=v)
 
 
-def from_model_output(parameterization: str, output, z, logsnr) -> Prediction:
-  """Converts a network's raw output to a Prediction.
+def path_state(z, logsnr, path: str = "vp"):
+  """The state a model of `path` sees: z itself ('vp'), or z_flow = z / (alpha + sigma)."""
+  if path == "vp":
+    return z
+  alpha, sigma = alpha_sigma(broadcast_to_data(logsnr, z))
+  return z / (alpha + sigma)
+
+
+def from_flow_v(v, z, logsnr):
+  """Prediction from a flow velocity v = eps - x of the state z_flow (z: VP)."""
+  z_flow = path_state(z, logsnr, "flow")
+  tau = flow_time(broadcast_to_data(logsnr, z))
+  x0, eps = z_flow - tau * v, z_flow + (1.0 - tau) * v
+  alpha, sigma = alpha_sigma(broadcast_to_data(logsnr, z))
+  return Prediction(x0=x0, eps=eps, v=alpha * eps - sigma * x0)
+
+
+def path_velocity(pred: Prediction, path: str = "vp"):
+  """The 'v' a model of `path` outputs for `pred`: the VP v, or the flow velocity eps - x."""
+  return pred.v if path == "vp" else pred.eps - pred.x0
+
+
+def from_model_output(parameterization: str, output, z, logsnr, path: str = "vp") -> Prediction:
+  """Converts a network's raw output to a Prediction (`path`: the model's coordinates; only its
+  'v' differs between paths).
 
   'both' (progressive distillation paper): the net outputs x~ and eps~; the x estimate is
   x = sigma^2 x~ + alpha^2 (z - sigma eps~) / alpha, stable at both ends of the schedule.
@@ -68,7 +96,7 @@ def from_model_output(parameterization: str, output, z, logsnr) -> Prediction:
   if parameterization == "x":
     return from_x0(output, z, logsnr)
   if parameterization == "v":
-    return from_v(output, z, logsnr)
+    return from_v(output, z, logsnr) if path == "vp" else from_flow_v(output, z, logsnr)
   if parameterization == "both":
     x_tilde, eps_tilde = jnp.split(output, 2, axis=-1)
     alpha, sigma = alpha_sigma(broadcast_to_data(logsnr, z))

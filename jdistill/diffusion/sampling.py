@@ -95,7 +95,8 @@ def ddim_x_target(z_t, z_s, x_at_end, logsnr_t, logsnr_s, s):
   return jnp.where(broadcast_to_data(s, z_t) == 0.0, x_at_end, x_target)
 
 
-MODES = ("ddim", "ancestral", "renoise")
+MODES = ("ddim", "euler", "ancestral", "renoise")   # 'euler' on a flow's velocity is DDIM
+STOCHASTIC = ("ancestral", "renoise")
 
 
 def renoise_step(pred: Prediction, logsnr_s, noise):
@@ -110,14 +111,15 @@ def sample(predict_fn: PredictFn, schedule, noise, num_steps, *, clip_x: bool = 
 
   `num_steps` may be a traced int: the loop is a `lax.fori_loop` with a dynamic trip count, so
   one compilation serves every step count. `grid`: the time points t_0 = 0 < ... < t_N = 1 (an
-  array, may be traced and padded past N; `padded_grid`), default the uniform t_i = i / N. `mode`: 'ddim' (deterministic; the default without
-  `rng`), 'ancestral' (DDPM; the default with `rng`) or 'renoise' (x_hat re-noised with fresh
-  noise). The last step returns the x prediction itself (at s = 0, z_s = x_hat).
+  array, may be traced and padded past N; `padded_grid`), default the uniform t_i = i / N. `mode`:
+  'ddim' (deterministic; the default without `rng`), 'euler' (the same step: on the flow path
+  z_s = z_t + (tau_s - tau_t) v_hat is exactly DDIM's), 'ancestral' (DDPM; the default with
+  `rng`) or 'renoise' (x_hat re-noised with fresh noise). The last step returns the x prediction itself (at s = 0, z_s = x_hat).
   """
   mode = mode or ("ddim" if rng is None else "ancestral")
   if mode not in MODES:
     raise ValueError(f"sampling mode: unknown {mode!r}; choose one of {MODES}")
-  if mode != "ddim" and rng is None:
+  if mode in STOCHASTIC and rng is None:
     raise ValueError(f"sampling mode {mode!r} needs an rng")
   num_steps = jnp.asarray(num_steps, jnp.int32)
   grid = None if grid is None else jnp.asarray(grid, jnp.float32)
@@ -134,7 +136,7 @@ def sample(predict_fn: PredictFn, schedule, noise, num_steps, *, clip_x: bool = 
     pred = predict_fn(z, logsnr_t)
     if clip_x:
       pred = clip_x0(pred, z, logsnr_t)
-    if mode == "ddim":
+    if mode not in STOCHASTIC:
       z_next = ddim_step(pred, logsnr_s)
     else:
       step_noise = jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)

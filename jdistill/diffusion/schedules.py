@@ -3,6 +3,11 @@
 The forward process is z_t = alpha_t x + sigma_t eps with alpha_t^2 = sigmoid(logsnr_t) and
 sigma_t^2 = sigmoid(-logsnr_t) (variance preserving). t = 0 is (nearly) clean data, t = 1 is
 (nearly) pure noise.
+
+The 'flow' schedule is rectified flow's path z = (1 - tau) x + tau eps (SD3, Flux): the same
+logSNR(tau) = 2 log((1 - tau) / tau) on z rescaled by 1 / (alpha + sigma). Its time is shifted,
+tau = s t / (1 + (s - 1) t), so the shift reaches training, every sampling grid and every
+method's noise-level draws. Its models see the path's own z and tau (models/denoiser.py).
 """
 from __future__ import annotations
 
@@ -16,7 +21,13 @@ import numpy as np
 from jdistill.errors import check_choice
 
 LOGSNR_MIN, LOGSNR_MAX = -20.0, 20.0
-SCHEDULES = ("cosine", "linear", "scaled_linear")
+SCHEDULES = ("cosine", "linear", "scaled_linear", "flow")
+PATHS = ("vp", "flow")
+
+
+def path_of(config) -> str:
+  """'flow' for the rectified-flow schedule, else 'vp': the coordinates its models work in."""
+  return "flow" if config["name"] == "flow" else "vp"
 
 
 def alpha_sigma(logsnr):
@@ -32,6 +43,27 @@ def cosine_logsnr(t, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
   b = np.arctan(np.exp(-0.5 * logsnr_max))
   a = np.arctan(np.exp(-0.5 * logsnr_min)) - b
   return -2.0 * jnp.log(jnp.tan(a * jnp.asarray(t, jnp.float32) + b))
+
+
+def shift_time(t, shift: float):
+  """tau = s t / (1 + (s - 1) t): SD3's time shift (s > 1 spends more time at high noise)."""
+  return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def unshift_time(tau, shift: float):
+  """The inverse of `shift_time`: t = tau / (s - (s - 1) tau)."""
+  return tau / (shift - (shift - 1.0) * tau)
+
+
+def flow_logsnr(t, shift: float = 1.0):
+  """logSNR of the rectified-flow path at shifted time tau: 2 log((1 - tau) / tau), clipped."""
+  tau = shift_time(jnp.asarray(t, jnp.float32), shift)
+  return jnp.clip(2.0 * (jnp.log1p(-tau) - jnp.log(tau)), LOGSNR_MIN, LOGSNR_MAX)
+
+
+def flow_time(logsnr):
+  """The flow path's tau (= its sigma) at `logsnr`: sigmoid(-logsnr / 2)."""
+  return jax.nn.sigmoid(-0.5 * logsnr)
 
 
 def discrete_logsnr_table(name: str, num_train_timesteps: int, beta_start: float, beta_end: float,
@@ -73,17 +105,22 @@ def defining_fields(config) -> dict:
   """The fields of a schedule config that change its logSNR(t): the cosine schedule is its name."""
   if config["name"] == "cosine":
     return {"name": "cosine"}
+  if config["name"] == "flow":
+    return {"name": "flow", "shift": config.get("shift", 1.0)}
   return {"name": config["name"], "num_train_timesteps": config["num_train_timesteps"],
           "beta_start": config["beta_start"], "beta_end": config["beta_end"],
           "zero_terminal_snr": config.get("zero_terminal_snr", False)}
 
 
 def make_schedule(config) -> Schedule:
-  """Builds the schedule named by `config.name` ('cosine', 'linear', 'scaled_linear')."""
+  """Builds the schedule named by `config.name` ('cosine', 'linear', 'scaled_linear', 'flow')."""
   name = config.name
   check_choice("diffusion.schedule.name", name, SCHEDULES)
   if name == "cosine":
     return Schedule("cosine", cosine_logsnr)
+  if name == "flow":
+    shift = float(config.get("shift", 1.0))
+    return Schedule("flow", lambda t: flow_logsnr(t, shift))
   t_grid, logsnr_grid = discrete_logsnr_table(                  # 'linear', 'scaled_linear'
       name, config.num_train_timesteps, config.beta_start, config.beta_end,
       config.get("zero_terminal_snr", False))

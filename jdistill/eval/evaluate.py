@@ -35,7 +35,7 @@ class Sampler:
         return self.denoiser.predict_guided(params, z, logsnr, label, guidance, steps)
       return self.denoiser.predict(params, z, logsnr, label, steps=steps)
     return sampling.sample(predict, self.schedule, noise, num_steps, clip_x=self.clip_x,
-                           rng=None if mode == "ddim" else rng, mode=mode, grid=grid)
+                           rng=rng if mode in sampling.STOCHASTIC else None, mode=mode, grid=grid)
 
   def sample(self, params, num_steps: int, num_samples: int, seed: int = 0,
              labels: Optional[np.ndarray] = None, mode: str = "ddim", timed: bool = False,

@@ -27,6 +27,8 @@ def controls_in_use(config) -> dict:
     used["curriculum"] = f"curriculum.sampler={config.curriculum.sampler!r}"
   if config.diffusion.guidance:
     used["guidance"] = f"diffusion.guidance={config.diffusion.guidance}"
+  if config.diffusion.get("time_sampling", "uniform") != "uniform":
+    used["time_sampling"] = f"diffusion.time_sampling={config.diffusion.time_sampling!r}"
   if config.features.weight_start or config.features.weight_end:
     used["features"] = (f"features.weight_start={config.features.weight_start}, "
                         f"weight_end={config.features.weight_end}")

@@ -35,6 +35,7 @@ def get_config(preset: str = "digits", variant: str = "dmd2"):
   plus DMD1's regression (weight 1, 2:1 critic updates); `paper_recipe` is DMD2 as published."""
   check_choice("dmd.variant", variant, VARIANTS)
   config = config_lib.base_config(preset)
+  preset = config_lib.data_preset(config.preset)    # `digits_flow` is sized like `digits`
   config.method = "dmd"
   tdm = variant != "dmd2"
   config.dmd = ml_collections.ConfigDict(dict(

@@ -37,6 +37,7 @@ LOSSES = ("mse", "huber")
 def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   """Defaults of multi-teacher distillation from cached predictions (configs/multi_teacher.py)."""
   config = config_lib.base_config(preset)
+  preset = config_lib.data_preset(config.preset)    # `digits_flow` is sized like `digits`
   config.method = "multi_teacher"
   config.cache = ml_collections.ConfigDict(dict(
       dir="",                   # "": <workdir>/cache

@@ -38,6 +38,7 @@ PARAMS_KEY = "ema_params"
 def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   """Defaults of progressive distillation (configs/progressive.py, configs/curriculum.py)."""
   config = config_lib.base_config(preset)
+  preset = config_lib.data_preset(config.preset)    # `digits_flow` is sized like `digits`
   config.method = "progressive"
   config.progressive = ml_collections.ConfigDict(dict(
       steps="",               # "" = strict halving from teacher.sampling_steps to 1; or "25,13,7,4,2,1"

@@ -13,7 +13,7 @@ from jdistill.models.lora import make_lora
 from jdistill.objectives.denoising import DenoisingFrozen, DenoisingObjective
 from jdistill.train import loop, setup, teachers
 
-CONTROLS = frozenset({"curriculum", "lora", "guidance"})   # optional controls it supports (methods/common.py)
+CONTROLS = frozenset({"curriculum", "lora", "guidance", "time_sampling"})   # optional controls it supports (methods/common.py)
 EXPORT = "teacher.msgpack"                # the run's exported model, for jdistill.sample
 PARAMS_KEY = "ema_params"                 # what sampling restores from an Orbax checkpoint
 
@@ -41,7 +41,8 @@ def make_objective(exp, num_steps):
       denoiser=exp.denoiser, schedule=exp.schedule, optimizer=exp.optimizer(), optim=c.optim,
       num_steps=num_steps, data_shape=exp.data_shape, weighting=c.diffusion.loss_weighting,
       min_snr_gamma=c.diffusion.min_snr_gamma, label_dropout=c.diffusion.label_dropout,
-      curriculum=curriculum_lib.make_scheduler(c), lora=make_lora(c))
+      time_sampling=c.diffusion.time_sampling, logit_mean=c.diffusion.logit_mean,
+      logit_std=c.diffusion.logit_std, curriculum=curriculum_lib.make_scheduler(c), lora=make_lora(c))
 
 
 def train(config, workdir: str):

@@ -2,8 +2,11 @@
 
     denoiser.predict(params, z_t, logsnr, cond) -> Prediction(x0, eps, v)
 
-Any Flax Linen module plugs in if its `__call__(z, logsnr, label=None, train=False)` returns the
+Any Flax Linen module plugs in if its `__call__(z, time, label=None, train=False)` returns the
 raw output (data channels, or twice that for the 'both' parameterization); see docs/architecture.md.
+The Denoiser hands the module the state and time it was trained on: z in its `path`'s coordinates
+(diffusion/parameterization.py) and `time_input` of the noise level: 'logsnr' (jdistill's own
+networks), or the flow path's tau ('t') or 1000 tau ('t1000', SD3's and Flux's timesteps).
 """
 from __future__ import annotations
 
@@ -16,9 +19,18 @@ import jax.numpy as jnp
 
 from jdistill.diffusion import parameterization as param_lib
 from jdistill.diffusion.parameterization import Prediction
+from jdistill.diffusion.schedules import flow_time
 from jdistill.errors import check_choice
 
 MODELS = ("unet", "mlp")
+TIME_INPUTS = ("logsnr", "t", "t1000")
+
+
+def network_time(logsnr, time_input: str):
+  """What a network takes as its time: logSNR itself, or the flow path's tau (x 1000)."""
+  if time_input == "logsnr":
+    return logsnr
+  return flow_time(logsnr) * (1000.0 if time_input == "t1000" else 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +38,16 @@ class Denoiser:
   module: nn.Module
   parameterization: str           # 'eps' | 'x' | 'v' | 'both'
   num_classes: int = 0            # > 0: label `num_classes` is the null (unconditional) class
+  path: str = "vp"                # 'vp' | 'flow': the coordinates of the z it sees and its 'v'
+  time_input: str = "logsnr"      # what it takes as time (TIME_INPUTS)
+
+  def apply_module(self, params, z, logsnr, cond, **kwargs):
+    """The module on the state and time in its own terms (its raw output)."""
+    return self.module.apply({"params": params}, param_lib.path_state(z, logsnr, self.path),
+                             network_time(logsnr, self.time_input), cond, **kwargs)
+
+  def to_prediction(self, output, z, logsnr) -> Prediction:
+    return param_lib.from_model_output(self.parameterization, output, z, logsnr, self.path)
 
   def init(self, rng, example_z, step_conditioned: bool = False):
     """Params; `step_conditioned` adds the (zero) step-count embedding of TDM-unify generators."""
@@ -42,8 +64,8 @@ class Denoiser:
     holding a `step_embedding`) read it, so samplers can always pass it."""
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     extra = {"steps": steps} if (steps is not None and is_step_conditioned(params)) else {}
-    output = self.module.apply({"params": params}, z, logsnr, cond, train=train, rngs=rngs, **extra)
-    return param_lib.from_model_output(self.parameterization, output, z, logsnr)
+    output = self.apply_module(params, z, logsnr, cond, train=train, rngs=rngs, **extra)
+    return self.to_prediction(output, z, logsnr)
 
   def predict_guided(self, params, z, logsnr, cond, guidance, steps=None) -> Prediction:
     """Classifier-free guidance: (1 + w) pred(z | c) - w pred(z | null)."""
@@ -62,14 +84,13 @@ class Denoiser:
     """(Prediction, [activations of `layers`]) from one forward pass. U-Net layer names:
     'down_<level>', 'bottleneck', 'up_<level>'."""
     rngs = {"dropout": rng} if (train and rng is not None) else {}
-    output, state = self.module.apply({"params": params}, z, logsnr, cond, train=train, rngs=rngs,
+    output, state = self.apply_module(params, z, logsnr, cond, train=train, rngs=rngs,
                                       capture_features=True, mutable=["intermediates"])
     captured = state["intermediates"]
     missing = [name for name in layers if name not in captured]
     if missing:
       raise ValueError(f"config.features.layers: {missing} not captured; have {sorted(captured)}")
-    prediction = param_lib.from_model_output(self.parameterization, output, z, logsnr)
-    return prediction, [captured[name][0] for name in layers]
+    return self.to_prediction(output, z, logsnr), [captured[name][0] for name in layers]
 
 
 def is_step_conditioned(params) -> bool:
@@ -85,8 +106,9 @@ def with_step_embedding(denoiser: "Denoiser", params, example_z):
   return {**params, "step_embedding": {"embedding": jnp.zeros(table.shape, table.dtype)}}
 
 
-def make_denoiser(model_config, data_shape, parameterization: str) -> Denoiser:
-  """Builds the Denoiser from `config.model` for data of shape `data_shape` (no batch dim)."""
+def make_denoiser(model_config, data_shape, parameterization: str, path: str = "vp") -> Denoiser:
+  """Builds the Denoiser from `config.model` for data of shape `data_shape` (no batch dim), a
+  model of `path` (schedules.path_of the diffusion schedule)."""
   from jdistill.models.mlp import MLPDenoiser
   from jdistill.models.unet import UNet
   check_choice("model.name", model_config.name, MODELS)
@@ -104,4 +126,5 @@ def make_denoiser(model_config, data_shape, parameterization: str) -> Denoiser:
     module = MLPDenoiser(out_channels=out, hidden=model_config.channels,
                          depth=model_config.num_res_blocks, num_classes=model_config.num_classes,
                          dtype=dtype)
-  return Denoiser(module, parameterization, model_config.num_classes)
+  return Denoiser(module, parameterization, model_config.num_classes, path,
+                  model_config.get("time_input", "logsnr"))

@@ -1,6 +1,6 @@
 """Teacher training: the denoising objective.
 
-  t ~ U(0, 1),  eps ~ N(0, I),  z_t = alpha_t x + sigma_t eps,
+  t ~ U(0, 1) (or logit-normal, SD3),  eps ~ N(0, I),  z_t = alpha_t x + sigma_t eps,
   loss = E[ w(logsnr_t) ||x_hat(z_t) - x||^2 ]   (w from jdistill/diffusion/losses.py)
 Class labels are dropped to the null class with probability `label_dropout` (for CFG).
 """
@@ -25,6 +25,16 @@ def drop_labels(label, rng, probability, null_class):
   return jnp.where(jax.random.uniform(rng, label.shape) < probability, null_class, label)
 
 
+def draw_times(rng, batch: int, sampling: str = "uniform", logit_mean: float = 0.0,
+               logit_std: float = 1.0):
+  """Training times: t ~ U(0, 1), or 'logit_normal': t = sigmoid(n), n ~ N(mean, std^2)."""
+  if sampling == "uniform":
+    return jax.random.uniform(rng, (batch,))
+  if sampling == "logit_normal":
+    return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,)))
+  raise ValueError(f"diffusion.time_sampling: unknown {sampling!r}")
+
+
 @flax.struct.dataclass
 class DenoisingFrozen:
   base: Any = None                # LoRA: the frozen weights the adapters sit on (the fine-tuned teacher)
@@ -35,7 +45,10 @@ class DenoisingObjective(state_lib.OneNetworkObjective):
   weighting: str = "v_mse"
   min_snr_gamma: float = 5.0
   label_dropout: float = 0.1
-  curriculum: Any = None           # None: t ~ U(0, 1); else an AdaptiveCurriculumScheduler
+  time_sampling: str = "uniform"   # without a curriculum: 'uniform' | 'logit_normal' (draw_times)
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  curriculum: Any = None           # an AdaptiveCurriculumScheduler draws t instead
   lora: Any = None                 # a LoRA: only adapters train, over frozen.base
 
   def init_state(self, rng):
@@ -51,7 +64,8 @@ class DenoisingObjective(state_lib.OneNetworkObjective):
     x = batch["x"]
     rng_t, rng_eps, rng_drop, rng_dropout = jax.random.split(rng, 4)
     if self.curriculum is None:
-      t, importance = jax.random.uniform(rng_t, (x.shape[0],)), 1.0
+      t = draw_times(rng_t, x.shape[0], self.time_sampling, self.logit_mean, self.logit_std)
+      importance = 1.0
     else:
       t, importance = self.curriculum.sample(curriculum_state, rng_t, x.shape[0])
     eps = jax.random.normal(rng_eps, x.shape)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdistill.diffusion.losses import weighted_x_loss
-from jdistill.diffusion.parameterization import forward_process, from_v
+from jdistill.diffusion.parameterization import forward_process, from_model_output
 from jdistill.errors import ConfigError
 from jdistill.objectives import state as state_lib
 
@@ -62,7 +62,8 @@ class MultiTeacherObjective(state_lib.OneNetworkObjective):
     """(z_t, logsnr_t, x_k of every teacher (B, K, ...), x_target = sum_k w_k x_k) of a cached batch."""
     x, eps = batch["x"].astype(jnp.float32), batch["eps"].astype(jnp.float32)
     z_t, logsnr = forward_process(x, batch["t"], eps, self.schedule)
-    teacher_x = jax.vmap(lambda v: from_v(v, z_t, logsnr).x0, in_axes=1, out_axes=1)(
+    to_x = lambda v: from_model_output("v", v, z_t, logsnr, self.denoiser.path).x0
+    teacher_x = jax.vmap(to_x, in_axes=1, out_axes=1)(
         batch["teacher_v"].astype(jnp.float32))
     return z_t, logsnr, teacher_x, jnp.einsum("k,bk...->b...", weights, teacher_x)
 

@@ -13,7 +13,7 @@ from etils import epath
 
 from jdistill import config as config_lib
 from jdistill.data import pipeline, sources
-from jdistill.diffusion.schedules import make_schedule
+from jdistill.diffusion.schedules import make_schedule, path_of
 from jdistill.eval.evaluate import FDEvaluator, Sampler
 from jdistill.models.denoiser import make_denoiser
 from jdistill.objectives import state as state_lib
@@ -69,7 +69,8 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
   if config.model.num_classes and config.model.num_classes != train_source.num_classes:
     logging.warning("config.model.num_classes=%d but the data has %d classes",
                     config.model.num_classes, train_source.num_classes)
-  denoiser = make_denoiser(config.model, train_source.data_shape, config.diffusion.parameterization)
+  denoiser = make_denoiser(config.model, train_source.data_shape, config.diffusion.parameterization,
+                           path_of(config.diffusion.schedule))
   schedule = make_schedule(config.diffusion.schedule)
   resumed = any(epath.Path(workdir).glob("events.out.tfevents.*"))
   # a tool run (sampling, caching: record_config=False) leaves no event file in the run directory

@@ -19,12 +19,15 @@ BUNDLED_DIGITS_TEACHER = os.path.join(BUNDLED_DIR, "digits_teacher.msgpack")
 
 
 def bundled_teacher_path(config):
-  """The bundled teacher of the config's data (digits; the toy2d checkerboard) if the config's
-  model and diffusion match the ones it was trained with; None otherwise. A mismatch is an error
-  naming the field."""
+  """The bundled teacher of the config's data and path (digits, digits_flow; the toy2d
+  checkerboard) if the config's model and diffusion match the ones it was trained with; None
+  otherwise. A mismatch is an error naming the field."""
   name = {"digits": "digits", "toy2d": config.data.name}.get(config.data.source)
+  if name is None:
+    return None
+  name += "_flow" if schedules.path_of(config.diffusion.schedule) == "flow" else ""
   path = os.path.join(BUNDLED_DIR, f"{name}_teacher.msgpack")
-  if name is None or not os.path.exists(path):
+  if not os.path.exists(path):
     return None
   with open(path.replace(".msgpack", ".json")) as f:
     trained = json.load(f)
@@ -43,9 +46,12 @@ def bundled_teacher_path(config):
 def model_card(sections) -> dict:
   """What a model's params mean beyond their shapes, from a config or an exported model's JSON
   (both have `model` and `diffusion` sections): another config must share these to use them."""
-  return {"diffusion.parameterization": sections["diffusion"]["parameterization"],
-          "diffusion.schedule": schedules.defining_fields(sections["diffusion"]["schedule"]),
-          "model.num_classes": sections["model"]["num_classes"]}
+  schedule = sections["diffusion"]["schedule"]
+  return {"diffusion.path": schedules.path_of(schedule),
+          "diffusion.parameterization": sections["diffusion"]["parameterization"],
+          "diffusion.schedule": schedules.defining_fields(schedule),
+          "model.num_classes": sections["model"]["num_classes"],
+          "model.time_input": sections["model"].get("time_input", "logsnr")}
 
 
 def card_checker(config):
@@ -58,11 +64,12 @@ def card_checker(config):
       logging.warning("%s says nothing of its parameterization, schedule or conditioning; "
                       "assuming the config's", what)
       return
-    for field, value in card.items():
-      if field in mine and mine[field] != value:
-        raise ckpt_lib.CheckpointError(
-            f"{what} is a model with {field}={value!r}, but config.{field}={mine[field]!r}: set "
-            "the config to the model's value, or use a model made with the config's")
+    differ = [field for field, value in card.items() if field in mine and mine[field] != value]
+    if differ:
+      raise ckpt_lib.CheckpointError(
+          f"{what} is a model with " + ", ".join(f"{f}={card[f]!r}" for f in differ) + ", but "
+          + ", ".join(f"config.{f}={mine[f]!r}" for f in differ) + ": set the config to the "
+          "model's values, or use a model made with the config's")
   return check
 
 

@@ -20,7 +20,7 @@ from jdistill.data.cache.format import (LATENTS, READER_OPTIONS, VERSION, CacheE
                                         check_buckets, decode_record, derive_seed, encode_record,
                                         fingerprint, nearest_bucket, parse_buckets, read_manifest,
                                         sample_id, teacher_dir, write_shard)
-from jdistill.diffusion.parameterization import forward_process
+from jdistill.diffusion.parameterization import forward_process, path_velocity
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -183,12 +183,16 @@ def build_latents(source, cache_dir: str, *, encoder: Encoder, buckets, dtype: s
 
 # ----------------------------------------------------------------------------- teacher caches
 
+PREDICTIONS = {"vp": "v", "flow": "flow_v"}     # what a record's `prediction` is, per path
+
 def _teacher_fn(denoiser, schedule, dtype):
-  """jit: the teacher's v-prediction on z_t = alpha_t x + sigma_t eps (eps as stored)."""
+  """jit: the teacher's velocity on z_t = alpha_t x + sigma_t eps (eps as stored), in its path's
+  terms: the VP v, or the flow velocity eps - x."""
   def predict(params, x, t, eps, cond):
     z_t, logsnr = forward_process(x.astype(jnp.float32), t, eps.astype(jnp.float32), schedule)
     label = cond.get("label") if denoiser.num_classes else None
-    return denoiser.predict(params, z_t, logsnr, label).v.astype(dtype)
+    prediction = denoiser.predict(params, z_t, logsnr, label)
+    return path_velocity(prediction, denoiser.path).astype(dtype)
   return jax.jit(predict)
 
 
@@ -214,7 +218,7 @@ def build_teacher(cache_dir: str, teacher_id: str, *, denoiser, params, schedule
   manifest = _write_or_check_manifest(directory, dict(
       format="jdistill.teacher", version=VERSION, teacher=teacher_id, checkpoint=str(checkpoint),
       checkpoint_sha256=files.sha256(checkpoint) if checkpoint else "",
-      prediction="v", parameterization=denoiser.parameterization,
+      prediction=PREDICTIONS[denoiser.path], parameterization=denoiser.parameterization,
       schedule=dict(schedule_config or {"name": schedule.name}), dtype=dtype, base_seed=base_seed,
       noise_draws=noise_draws, buckets=latents["buckets"], latents=fingerprint(latent_directory),
       shards=[dict(path=s["path"], bucket=s["bucket"], num_records=s["num_records"] * noise_draws)

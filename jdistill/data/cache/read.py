@@ -18,6 +18,7 @@ from jdistill.data.cache.format import (LATENTS, CacheError, ShardReader, bucket
                                         derive_seed, fingerprint, read_manifest, sample_id,
                                         teacher_dir)
 from jdistill.data.cache.verify import _array_problems
+from jdistill.diffusion.schedules import defining_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +48,20 @@ def open_training_caches(cache_dir: str, teacher_ids, *, buckets, base_seed: int
                           "build it with `python -m jdistill.cache build-latents`")
   check_buckets(buckets, latents, latent_directory)
   expected = dict(base_seed=("cache.base_seed", base_seed), noise_draws=("cache.noise_draws", noise_draws),
-                  dtype=("cache.dtype", dtype), schedule=("diffusion.schedule", dict(schedule_config)),
+                  dtype=("cache.dtype", dtype),
+                  schedule=("diffusion.schedule", defining_fields(dict(schedule_config))),
                   latents=("", fingerprint(latent_directory)))
   teachers = []
   for teacher_id in teacher_ids:
     directory = teacher_dir(cache_dir, teacher_id)
     manifest = read_manifest(directory, f"cache of teacher {teacher_id!r}",
                              f"build it with `python -m jdistill.cache build-teacher --teacher={teacher_id}`")
+    built = dict(manifest, schedule=defining_fields(manifest["schedule"]))
     for key, (field, value) in expected.items():
-      if manifest.get(key) != value:
+      if built.get(key) != value:
         if not field:
           raise CacheError(f"{directory} was built from another latent cache: rebuild it")
-        raise CacheError(f"config.{field}={value!r} but {directory} was built with {manifest.get(key)!r}: "
+        raise CacheError(f"config.{field}={value!r} but {directory} was built with {built.get(key)!r}: "
                          "train with the config the caches were built with, or rebuild them")
     if checkpoints is not None:
       _check_teacher(directory, manifest, teacher_id, checkpoints[teacher_id])
