@@ -54,6 +54,39 @@ def ddim_segment(predict_fn: PredictFn, schedule, z_t, t, s, substeps):
   return jax.lax.fori_loop(0, substeps, body, (z_t, jnp.zeros_like(z_t)))
 
 
+def ode_states(predict_fn: PredictFn, schedule, noise, points: int, substeps: int):
+  """The deterministic DDIM ODE from z_1 = `noise`, kept at t = m / `points` for m = points..0
+  (`substeps` steps between points): (B, points + 1, ...), [:, 0] the noise and [:, -1] the last
+  x prediction (the sampler's sample). The teacher couplings of DMD's regression and reflow."""
+  states, z = [noise], noise
+  for m in range(points, 0, -1):
+    t, s = jnp.full(z.shape[:1], m / points), jnp.full(z.shape[:1], (m - 1) / points)
+    z, x = ddim_segment(predict_fn, schedule, z, t, s, substeps)
+    states.append(z if m > 1 else x)
+  return jnp.stack(states, axis=1)
+
+
+def teacher_couplings(denoiser, schedule, params, data_shape, num: int, seed: int, points: int,
+                      substeps: int, guidance: float = 0.0, batch_size: int = 500):
+  """`num` (noise, the teacher's ODE) couplings from fixed noise: {label, trajectory}, trajectory
+  = `ode_states` of the teacher (guided if conditional; labels drawn uniformly) at `points` + 1
+  times, [:, 0] the noise and [:, -1] the teacher's sample."""
+  rng = jax.random.key(seed)
+  noise = jax.random.normal(rng, (num, *data_shape))
+  conditional = bool(denoiser.num_classes)
+  label = (jax.random.randint(jax.random.fold_in(rng, 1), (num,), 0, denoiser.num_classes)
+           if conditional else jnp.zeros((num,), jnp.int32))
+
+  @jax.jit
+  def ode(z, y):
+    predict = lambda z_, logsnr: denoiser.predict_guided(params, z_, logsnr,
+                                                         y if conditional else None, guidance)
+    return ode_states(predict, schedule, z, points, substeps)
+  trajectory = jnp.concatenate([ode(noise[i:i + batch_size], label[i:i + batch_size])
+                                for i in range(0, num, batch_size)])
+  return {"label": label, "trajectory": trajectory}
+
+
 def ddim_chain(predict_fn: PredictFn, schedule, z, grid, start, stop, max_steps):
   """Deterministic DDIM steps from `grid[start]` down to `grid[stop]` through every grid point
   between (`start`, `stop`: per-example indices; `max_steps` >= start - stop, may be traced).

@@ -8,13 +8,15 @@ import jax
 from jdistill import config as config_lib
 from jdistill import lock, resume
 from jdistill.errors import ConfigError
-from jdistill.methods import common, distribution_matching, multi_teacher, progressive, teacher
+from jdistill.methods import (common, distribution_matching, multi_teacher, progressive, reflow,
+                              teacher)
 
 METHODS = {
     "teacher": teacher,
     "progressive": progressive,
     "dmd": distribution_matching,
     "multi_teacher": multi_teacher,
+    "reflow": reflow,
 }
 
 

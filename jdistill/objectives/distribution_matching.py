@@ -46,7 +46,8 @@ import numpy as np
 
 from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.diffusion.parameterization import broadcast_to_data, clip_x0, forward_process
-from jdistill.diffusion.sampling import ddim_segment, ddim_step, ddim_x_target, renoise_step
+from jdistill.diffusion.sampling import (ddim_segment, ddim_step, ddim_x_target, renoise_step,
+                                         teacher_couplings)
 from jdistill.diffusion.schedules import alpha_sigma
 from jdistill.models.denoiser import with_step_embedding
 from jdistill.models.unet import MAX_STEPS
@@ -177,27 +178,10 @@ class DistributionMatchingObjective(state_lib.Objective):
     """DMD1's fixed pairs, computed once before training: {label, trajectory}, the teacher's
     `regression_steps`-step DDIM trajectory (guided if conditional) from stored noise, kept at
     t = m / M for m = M..0 (trajectory[:, 0] the noise, trajectory[:, -1] the sample x)."""
-    rng = jax.random.key(seed)
-    noise = jax.random.normal(rng, (num_pairs, *self.data_shape))
-    label = (jax.random.randint(jax.random.fold_in(rng, 1), (num_pairs,), 0, self.denoiser.num_classes)
-             if self.denoiser.num_classes else jnp.zeros((num_pairs,), jnp.int32))
-    conditional = bool(self.denoiser.num_classes)
     grid = self.regression_grid()
-    substeps = -(-self.regression_steps // grid)
-
-    @jax.jit
-    def ode(z, y):
-      predict = lambda z_, logsnr: self.denoiser.predict_guided(
-          teacher_params, z_, logsnr, y if conditional else None, self.guidance)
-      states = [z]
-      for m in range(grid, 0, -1):
-        t, s = jnp.full(z.shape[:1], m / grid), jnp.full(z.shape[:1], (m - 1) / grid)
-        z, x = ddim_segment(predict, self.schedule, z, t, s, substeps)
-        states.append(z if m > 1 else x)       # at s = 0: the last x prediction (the sampler's)
-      return jnp.stack(states, axis=1)
-    trajectory = jnp.concatenate([ode(noise[i:i + batch_size], label[i:i + batch_size])
-                                  for i in range(0, num_pairs, batch_size)])
-    return {"label": label, "trajectory": trajectory}
+    return teacher_couplings(self.denoiser, self.schedule, teacher_params, self.data_shape,
+                             num_pairs, seed, grid, -(-self.regression_steps // grid),
+                             self.guidance, batch_size)
 
   def regression_loss(self, params, pairs, steps, rng):
     """Step k of K from the teacher's ODE state at t_k = (K - k) / K must land on its state at
