@@ -15,7 +15,9 @@
 several teachers: `--config=configs/multi_teacher.py:finetune --workdir=runs/mt_teachers/ft1
 --config.seed=1`); list them in `config.multi_teacher.teachers` and start the student from their
 soup (`multi_teacher.student_init='average'`). Other presets (cifar10, imagenet64, ...) need
-`config.multi_teacher.teachers` filled in.
+`config.multi_teacher.teachers` filled in. `:digits_flow` does the same from the bundled
+rectified-flow teacher, with s1 and s2 trained by `--config=configs/teacher.py:digits_flow` into
+runs/mt_teachers_flow/.
 """
 from jdistill.config import base_config
 from jdistill.methods import multi_teacher

@@ -174,3 +174,29 @@ def test_an_exported_flow_model_refuses_a_vp_config(tmp_path):
   assert "'shift': 3.0" in message and path in message
   loaded = teachers.load_checkpoint(path, jax.device_put(params), flow)   # its own config loads it
   np.testing.assert_array_equal(loaded["w"], params["w"])
+
+
+@pytest.mark.parametrize("name,preset", [
+    ("teacher", "digits_flow"), ("progressive", "digits_flow"), ("dmd", "digits_flow"),
+    ("dmd", "digits_flow_paper"), ("tdm", "digits_flow"), ("tdm", "digits_flow_fresh_noise"),
+    ("multi_teacher", "digits_flow"), ("curriculum", "adaptive_flow"), ("reflow", "digits_flow")])
+def test_every_method_has_a_flow_preset(name, preset):
+  """Each is its VP twin on the flow path: the same sizes and budget, the flow's schedule and
+  loss, and the bundled flow teacher."""
+  import importlib
+  from jdistill import methods
+  get_config = importlib.import_module(f"configs.{name}").get_config
+  config = get_config(preset)
+  methods.validate(config, 1)
+  assert config.diffusion.schedule.name == "flow"
+  assert config.diffusion.loss_weighting == "flow_v_mse"
+  twin = get_config(preset.replace("_flow", "")) if name != "reflow" else None
+  if twin is not None:
+    differ = {k for k, v in config.to_dict().items() if v != twin.to_dict().get(k)}
+    assert differ <= {"diffusion", "preset", "multi_teacher", "dmd"}, differ
+    assert config.train == twin.train and config.optim == twin.optim and config.model == twin.model
+  if name == "multi_teacher":
+    assert config.multi_teacher.teachers.base.checkpoint == teachers.BUNDLED_DIGITS_FLOW_TEACHER
+  elif name != "teacher":
+    config.teacher.checkpoint = ""
+    assert teachers.bundled_teacher_path(config) in (None, teachers.BUNDLED_DIGITS_FLOW_TEACHER)

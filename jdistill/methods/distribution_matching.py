@@ -45,7 +45,8 @@ def get_config(preset: str = "digits", variant: str = "dmd2"):
                                         # docs/results.md)
       t_min=0.02, t_max=0.98,
       critic_lr=1e-4,
-      critic_weighting="min_snr" if tdm else "v_mse",   # TDM: x0-MSE x min(SNR, 5)
+      # DMD2: the teacher's own denoising loss; TDM: x0-MSE x min(SNR, 5)
+      critic_weighting="min_snr" if tdm else config.diffusion.loss_weighting,
       regression_weight=0.0, regression_steps=32,     # DMD1 regression to the teacher's ODE from
       regression_pairs=1024,                           # fixed noise, computed before training
                                                        # (K > 1: every step onto its segment)

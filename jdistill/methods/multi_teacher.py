@@ -26,7 +26,7 @@ from jdistill.models.lora import make_lora
 from jdistill.objectives.multi_teacher import (MultiTeacherFrozen, MultiTeacherObjective,
                                                teacher_weights)
 from jdistill.train import loop, setup, teachers
-from jdistill.train.teachers import BUNDLED_DIGITS_TEACHER
+from jdistill.train.teachers import BUNDLED_DIGITS_FLOW_TEACHER, BUNDLED_DIGITS_TEACHER
 
 CONTROLS = frozenset({"lora"})                   # optional controls it supports (methods/common.py)
 EXPORT = "student.msgpack"
@@ -74,10 +74,14 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
     config.optim.update(lr=1e-3, warmup_steps=200, final_lr_fraction=0.05, ema_decay=0.998)
     config.multi_teacher.student_init = "random"
     config.train.update(num_steps=4000, eval_every=1000)
+    flow = config.diffusion.schedule.name == "flow"       # digits_flow: flow teachers, trained alike
+    runs = "runs/mt_teachers_flow" if flow else "runs/mt_teachers"
+    config.multi_teacher.loss_weighting = config.diffusion.loss_weighting
     config.multi_teacher.teachers = ml_collections.ConfigDict({
-        "base": dict(checkpoint=BUNDLED_DIGITS_TEACHER, weight=1.0),
-        "s1": dict(checkpoint="runs/mt_teachers/s1/teacher.msgpack", weight=1.0),
-        "s2": dict(checkpoint="runs/mt_teachers/s2/teacher.msgpack", weight=1.0)})
+        "base": dict(checkpoint=BUNDLED_DIGITS_FLOW_TEACHER if flow else BUNDLED_DIGITS_TEACHER,
+                     weight=1.0),
+        "s1": dict(checkpoint=f"{runs}/s1/teacher.msgpack", weight=1.0),
+        "s2": dict(checkpoint=f"{runs}/s2/teacher.msgpack", weight=1.0)})
   return config
 
 

@@ -16,6 +16,7 @@ from jdistill.train import checkpoint as ckpt_lib
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 BUNDLED_DIGITS_TEACHER = os.path.join(BUNDLED_DIR, "digits_teacher.msgpack")
+BUNDLED_DIGITS_FLOW_TEACHER = os.path.join(BUNDLED_DIR, "digits_flow_teacher.msgpack")
 
 
 def bundled_teacher_path(config):
