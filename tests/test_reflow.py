@@ -2,8 +2,6 @@
 (zero loss, one straight Euler step), and the two-stage run end to end."""
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -13,15 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from jdistill.config import base_config
-from jdistill.diffusion import parameterization as P
 from jdistill.diffusion import sampling, schedules
 from jdistill.errors import ConfigError
 from jdistill.methods import reflow as reflow_method
 from jdistill.models.denoiser import Denoiser
 from jdistill.objectives.reflow import ReflowObjective, ReflowStage
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M, A = 0.3, 0.5            # the affine coupling x = M + A z_1
 
 
@@ -93,30 +88,24 @@ def test_invalid_reflow_field_is_named(field, value):
 
 
 def test_reflow_runs_both_stages_and_exports(tmp_path):
-  """A tiny run on a freshly trained tiny flow teacher: both stages train, export and report."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  model = ["--config.model.channels=8", "--config.model.num_res_blocks=1",
-           "--config.model.norm_groups=4", "--config.eval.num_samples=32",
-           "--config.eval.neighbour_examples=100", "--config.train.log_every=5",
-           "--config.data.batch_size=16"]
-  teacher = tmp_path / "teacher"
-  subprocess.run([sys.executable, "-m", "jdistill.main", "--config=configs/teacher.py:digits_flow",
-                  f"--workdir={teacher}", "--config.train.num_steps=20",
-                  "--config.train.eval_every=0", "--config.eval.final_steps=(1,)",
-                  "--config.teacher.sampling_steps=2", *model],
-                 env=env, cwd=REPO, check=True, capture_output=True, timeout=900)
+  """A tiny run from a random tiny flow teacher: both stages train, export and report."""
+  from conftest import tiny_teacher_params, tiny_unet
+  from jdistill import methods
+  from jdistill.train import teachers
+  config = tiny_unet(reflow_method.get_config())
+  config.data.batch_size = 16
+  config.teacher.update(sampling_steps=2, checkpoint=str(tmp_path / "teacher.msgpack"))
+  config.reflow.update(couplings=32, coupling_steps=2, reflow_steps=6, distill_steps=4,
+                       eval_steps=(1, 2))
+  config.train.update(log_every=2, save_every=100, eval_every=0)
+  config.eval.update(num_samples=32, neighbour_examples=100, batch_size=32)
+  teachers.export(tiny_teacher_params(config, 0), config, config.teacher.checkpoint,
+                  {"mode": "euler", "steps": 2})
   run = tmp_path / "reflow"
-  out = subprocess.run([sys.executable, "-m", "jdistill.main", "--config=configs/reflow.py",
-                        f"--workdir={run}", f"--config.teacher.checkpoint={teacher}/teacher.msgpack",
-                        "--config.teacher.sampling_steps=2", "--config.reflow.couplings=32",
-                        "--config.reflow.coupling_steps=2", "--config.reflow.reflow_steps=10",
-                        "--config.reflow.distill_steps=5", "--config.reflow.eval_steps=(1,2)",
-                        "--config.train.eval_every=0", *model],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
+  methods.train(config, str(run))
   summary = (run / "summary.md").read_text()
   assert "| 2-rectified flow | 2 |" in summary and "| 2-rectified flow, distilled | 1 |" in summary
-  for stage, steps in (("0_reflow", 10), ("1_distill", 5)):
+  for stage, steps in (("0_reflow", 6), ("1_distill", 4)):
     assert (run / "stages" / stage / "student.msgpack").exists()
     assert max(int(p) for p in os.listdir(run / "stages" / stage / "checkpoints")
                if p.isdigit()) == steps
