@@ -200,3 +200,33 @@ def test_every_method_has_a_flow_preset(name, preset):
   elif name != "teacher":
     config.teacher.checkpoint = ""
     assert teachers.bundled_teacher_path(config) in (None, teachers.BUNDLED_DIGITS_FLOW_TEACHER)
+
+
+class _Velocity(nn.Module):
+  """A fixed nonlinear 'velocity' of the state and time it is given."""
+  @nn.compact
+  def __call__(self, z, time, label=None, train=False):
+    return jnp.tanh(z) * (0.5 + time[:, None, None, None]) + self.param("b", nn.initializers.ones, ())
+
+
+def test_a_flow_teacher_cache_holds_its_velocity_and_reads_back_its_x():
+  from jdistill.data.cache.build import PREDICTIONS, _teacher_fn
+  from jdistill.objectives.multi_teacher import MultiTeacherObjective
+  flow = schedule("flow", shift=2.0)
+  denoiser = Denoiser(_Velocity(), "v", path="flow", time_input="t")
+  rng = np.random.default_rng(3)
+  x, eps = (jnp.asarray(rng.normal(size=(5, 4, 4, 1)), jnp.float32) for _ in range(2))
+  t = jnp.array([0.1, 0.3, 0.5, 0.7, 0.9])
+  params = denoiser.init(jax.random.key(0), x)["params"]
+  stored = _teacher_fn(denoiser, flow, "float32")(params, x, t, eps, {})
+  z, logsnr = P.forward_process(x, t, eps, flow)
+  pred = denoiser.predict(params, z, logsnr)
+  np.testing.assert_allclose(stored, pred.eps - pred.x0, atol=1e-5)      # the flow velocity
+  z_flow = P.path_state(z, logsnr, "flow")
+  np.testing.assert_allclose(stored, _Velocity().apply({"params": params}, z_flow,
+                                                       schedules.flow_time(logsnr)), atol=1e-5)
+  assert PREDICTIONS[denoiser.path] == "flow_v"
+  student = MultiTeacherObjective(denoiser, flow, None, None, 1, (4, 4, 1), teacher_ids=("a",))
+  batch = {"x": x, "eps": eps, "t": t, "teacher_v": stored[:, None]}
+  _, _, teacher_x, _ = student.targets(batch, jnp.ones((1,)))
+  np.testing.assert_allclose(teacher_x[:, 0], pred.x0, atol=1e-5)
