@@ -29,6 +29,7 @@ from safetensors.numpy import load_file
 
 from jdistill import files
 from jdistill.config import base_config
+from jdistill.diffusion.schedules import unshift_time
 from jdistill.errors import ConfigError
 from jdistill.models import diffusers_unet
 
@@ -162,6 +163,21 @@ def diffusion_of_scheduler(scheduler: dict):
   return dict(schedule=schedule, parameterization=parameterization,
               loss_weighting=f"{parameterization}_mse", clip_x=bool(get("clip_sample", True))
               ), "ddpm_timestep"
+
+
+def ddim_grid(timesteps, num_train_timesteps: int):
+  """jdistill's time grid (for diffusion.sampling.sample's `grid`) of a diffusers DDIM loop over
+  `timesteps` (DDIMScheduler.timesteps): timestep k is t = (k + 1) / T, and the last step lands on
+  t = 0, x itself (DDIM's set_alpha_to_one)."""
+  inner = (np.sort(np.asarray(timesteps, np.float64)) + 1.0) / num_train_timesteps
+  return np.concatenate([[0.0], inner]).astype(np.float32)
+
+
+def euler_grid(sigmas, shift: float):
+  """jdistill's time grid of a diffusers flow-matching Euler loop over `sigmas` (its tau, ending
+  at 0: FlowMatchEulerDiscreteScheduler.sigmas): t = the unshifted tau."""
+  tau = np.sort(np.asarray(sigmas, np.float64))
+  return np.asarray(unshift_time(tau, shift), np.float32)
 
 
 def example_shape(unet_config: dict):
