@@ -20,19 +20,20 @@ from jdistill.diffusion.schedules import alpha_sigma, make_schedule
 from jdistill.errors import ConfigError
 from jdistill.models import diffusers_unet
 from jdistill.models.denoiser import make_denoiser
-from jdistill.train import teachers
+from jdistill.train import setup, teachers
 
 SHAPE = (8, 8, 3)
 TIMESTEPS = (0, 1, 250, 600, 999)
 
 
-def tiny_unet(path, num_class_embeds=None, seed=0):
+def tiny_unet(path, seed=0, **options):
   """A random-weight UNet2DModel with attention down, up and in the middle, saved to `path`."""
   torch.manual_seed(seed)
-  model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                      layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                      attention_head_dim=8, num_class_embeds=num_class_embeds).eval()
+  model = UNet2DModel(**{**dict(
+      sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+      layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+      up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8),
+      **options}).eval()
   with torch.no_grad():             # norms and biases off their init, so every param matters
     for p in model.parameters():
       p.add_(0.05 * torch.randn_like(p))
@@ -97,6 +98,30 @@ def test_converted_network_matches_pytorch(conditional):
   ours = jax.jit(module.apply)({"params": params}, x, t, labels)
   error = np.abs(np.asarray(ours) - torch_output(model, x, t, labels)).max()
   assert error <= 1e-4, error
+
+
+def test_fourier_scale_shift_network_matches_pytorch(tmp_path):
+  """Fourier time (the output divided by it), scale-shift resnets (the mid attention then has
+  no norm), centred input, legacy attention key names."""
+  model = tiny_unet(tmp_path / "unet", seed=5, time_embedding_type="fourier",
+                    resnet_time_scale_shift="scale_shift", center_input_sample=True)
+  weights = str(tmp_path / "unet" / convert.WEIGHTS)
+  state = load_file(weights)
+  legacy = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+  for key in [k for k in state if "attentions" in k]:
+    new = key
+    for name, old in legacy.items():
+      new = new.replace(name, old)
+    state[new] = state.pop(key)
+  save_file(state, weights)
+  module = diffusers_unet.from_config(dict(model.config))
+  params = convert.convert_params(convert.read_state_dict(str(tmp_path / "unet")), module,
+                                  (1, *SHAPE))
+  x = np.random.RandomState(5).rand(12, *SHAPE).astype(np.float32)
+  t = np.repeat(np.asarray([0.01, 1.0, 50.0], np.float32), 4)
+  ours = jax.jit(module.apply)({"params": params}, x, t)
+  theirs = torch_output(model, x, t)
+  assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
 
 
 def test_denoiser_eps_is_the_pytorch_output_at_the_matching_timestep(conditional):
@@ -188,7 +213,8 @@ def test_ddim_samples_match_diffusers(tmp_path, clip):
   """50 DDIM steps of a DDPM teacher, diffusers' DDIMScheduler (what DDIMPipeline runs, alpha at
   the end set to one) from the same noise; jdistill's clip_x recomputes eps from the clipped x,
   which is diffusers' use_clipped_model_output."""
-  model = tiny_unet(tmp_path / "unet", seed=1)
+  model = tiny_unet(tmp_path / "unet", seed=1, downsample_padding=0, flip_sin_to_cos=False,
+                    freq_shift=1, norm_eps=1e-6)       # google/ddpm-cifar10-32's options
   ddpm = DDPMScheduler(num_train_timesteps=1000, clip_sample=clip)
   out = str(tmp_path / "teacher.msgpack")
   convert.convert(str(tmp_path / "unet"), save_scheduler(ddpm, tmp_path), out)
@@ -210,7 +236,7 @@ def test_ddim_samples_match_diffusers(tmp_path, clip):
 def test_flow_euler_samples_match_diffusers(tmp_path):
   """50 Euler steps of a flow-matching teacher (velocity, time shift 3) against diffusers'
   FlowMatchEulerDiscreteScheduler loop from the same noise."""
-  model = tiny_unet(tmp_path / "unet", seed=2)
+  model = tiny_unet(tmp_path / "unet", seed=2, attention_head_dim=None, mid_block_scale_factor=2.0)
   flow = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
   out = str(tmp_path / "teacher.msgpack")
   convert.convert(str(tmp_path / "unet"), save_scheduler(flow, tmp_path), out)
@@ -242,3 +268,24 @@ def test_sharded_bf16_weights_stay_bf16_unless_asked(tmp_path):
     assert exported["model"]["dtype"] == want
     assert {leaf.dtype.name for leaf in leaves} == {want}
     assert len(leaves) == len(load_file(str(tmp_path / "float32" / convert.WEIGHTS)))
+
+
+def test_a_run_builds_and_loads_the_converted_teacher(tmp_path, digits_config):
+  """--config.teacher.checkpoint=<converted>.msgpack: setup.build makes its network and
+  load_teacher reads its params (digits: 8x8x1; a v-prediction teacher)."""
+  torch.manual_seed(4)
+  UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+              layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+              up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+              attention_head_dim=8).save_pretrained(tmp_path / "unet")
+  scheduler = save_scheduler(DDPMScheduler(prediction_type="v_prediction", clip_sample=False),
+                             tmp_path)
+  out = str(tmp_path / "teacher.msgpack")
+  convert.convert(str(tmp_path / "unet"), scheduler, out)
+  digits_config.teacher.checkpoint = out
+  config = teachers.adopt_converted_teacher(digits_config)
+  exp = setup.build(config, str(tmp_path / "run"), evaluator=False, record_config=False)
+  params = teachers.load_teacher(exp)
+  assert (exp.denoiser.parameterization, exp.denoiser.time_input) == ("v", "ddpm_timestep")
+  assert len(exp.denoiser.ddpm_logsnr) == 1000 and not config.diffusion.clip_x
+  assert len(jax.tree.leaves(params)) == len(load_file(str(tmp_path / "unet" / convert.WEIGHTS)))

@@ -23,12 +23,12 @@ TIME_EMBEDDINGS = ("positional", "fourier")
 
 
 class Conv(nn.Module):
-  """torch.nn.Conv2d's explicit zero padding (`padding` each side; diffusers' Downsample2D with
-  padding 0 pads only bottom and right), kernel HWIO."""
+  """torch.nn.Conv2d with explicit zero padding (`padding`: (before, after) on both spatial
+  axes), kernel HWIO."""
   features: int
   kernel_size: int = 3
   stride: int = 1
-  padding: int = 1
+  padding: Tuple[int, int] = (1, 1)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -36,8 +36,8 @@ class Conv(nn.Module):
     k = self.kernel_size
     kernel = self.param("kernel", conv_init(), (k, k, x.shape[-1], self.features), self.dtype)
     bias = self.param("bias", bias_init(), (self.features,), self.dtype)
-    pad = [(self.padding, self.padding)] * 2 if self.padding or k == 1 else [(0, 1)] * 2
-    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel, (self.stride,) * 2, pad,
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel, (self.stride,) * 2,
+                                     [tuple(self.padding)] * 2,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + bias
 
@@ -87,7 +87,8 @@ class ResnetBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
     h = Conv(self.features, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.features:
-      x = Conv(self.features, kernel_size=1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
+      x = Conv(self.features, kernel_size=1, padding=(0, 0), dtype=self.dtype,
+               name="conv_shortcut")(x)
     return (x + h) / self.output_scale
 
 
@@ -167,9 +168,10 @@ class DownBlock(nn.Module):
       if self.attention:
         h = self.spec.attention(self.features, self.dtype, f"attentions_{j}")(h)
       outputs.append(h)
-    if self.downsample:
-      h = Resample(self.features, stride=2, padding=self.spec.downsample_padding, dtype=self.dtype,
-                   name="downsamplers_0")(h)
+    if self.downsample:             # Downsample2D: padding 0 pads only the bottom and right
+      pad = self.spec.downsample_padding
+      h = Resample(self.features, stride=2, padding=(pad, pad) if pad else (0, 1),
+                   dtype=self.dtype, name="downsamplers_0")(h)
       outputs.append(h)
     return h, outputs
 
@@ -216,7 +218,7 @@ class Resample(nn.Module):
   """Downsample2D / Upsample2D's conv (diffusers keeps it under `conv`)."""
   features: int
   stride: int = 1
-  padding: int = 1
+  padding: Tuple[int, int] = (1, 1)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
