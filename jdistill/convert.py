@@ -102,7 +102,7 @@ def convert_params(state: dict, module, example_shape, dtype=None) -> dict:
     wanted.add(key)
     shape = tuple(getattr(leaf, "value", leaf).shape)
     if key not in state:
-      problems.append(f"missing key {key!r} (shape {shape})")
+      problems.append(f"missing key {key!r} (Flax shape {shape})")
       continue
     array = to_flax(state[key], names[-1])
     if array.shape != shape:
