@@ -48,7 +48,8 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="unet", channels=48, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(4,),
       num_heads=1, dropout=0.0, num_classes=0, norm_groups=8, dtype="float32",
-      time_input="logsnr"))     # the network's time: 'logsnr', or the flow's tau: 't', 't1000'
+      time_input="logsnr"))     # the network's time: 'logsnr', the flow's tau: 't', 't1000', or
+                                # a DDPM schedule's timestep: 'ddpm_timestep' (diffusers' UNets)
 
   c.diffusion = ml_collections.ConfigDict(dict(
       # 'linear' / 'scaled_linear': DDPM beta schedules over num_train_timesteps; the default
@@ -165,9 +166,13 @@ def validate(config, num_devices: int):
         f"shifts the 'flow' schedule's time; schedule {config.diffusion.schedule.name!r} has none")
   time_input = config.model.get("time_input", "logsnr")
   check_choice("model.time_input", time_input, TIME_INPUTS)
-  check(time_input == "logsnr" or config.diffusion.schedule.name == "flow", "model.time_input",
-        f"{time_input!r} is the flow path's tau; a model of the {config.diffusion.schedule.name!r} "
-        "schedule takes 'logsnr'")
+  schedule_name = config.diffusion.schedule.name
+  check(time_input not in ("t", "t1000") or schedule_name == "flow", "model.time_input",
+        f"{time_input!r} is the flow path's tau; a model of the {schedule_name!r} schedule takes "
+        "'logsnr'" + (" or 'ddpm_timestep'" if schedule_name != "cosine" else ""))
+  check(time_input != "ddpm_timestep" or schedule_name in ("linear", "scaled_linear"),
+        "model.time_input", f"'ddpm_timestep' is the timestep of a DDPM beta schedule ('linear', "
+        f"'scaled_linear'); the {schedule_name!r} schedule has none")
   check_choice("diffusion.time_sampling", config.diffusion.get("time_sampling", "uniform"),
                TIME_SAMPLINGS)
   check(config.diffusion.get("logit_std", 1.0) > 0, "diffusion.logit_std",

@@ -74,9 +74,7 @@ def default_checkpoint(workdir: str, config) -> str:
 
 def config_of_export(exported: dict):
   """A config that rebuilds an exported model: the shared defaults with its JSON's sections."""
-  config = base_config()
-  for section in ("model", "diffusion", "data"):
-    config[section].update(exported[section])
+  config = teachers.with_export_sections(base_config(), exported)
   config.method = exported.get("method", "teacher")
   return config
 

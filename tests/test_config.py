@@ -105,6 +105,9 @@ def _mutations():
       ("diffusion.schedule.shift", lambda c: c.diffusion.schedule.update(name="flow", shift=0.0), 1),
       ("model.time_input", set_("model.time_input", "sigma"), 1),
       ("model.time_input", set_("model.time_input", "t1000"), 1),             # a VP model
+      ("model.time_input", set_("model.time_input", "ddpm_timestep"), 1),     # cosine: no table
+      ("model.time_input", lambda c: c.update(dict(model=dict(time_input="ddpm_timestep"),
+                                                   diffusion=dict(schedule=dict(name="flow")))), 1),
       ("diffusion.time_sampling", set_("diffusion.time_sampling", "beta"), 1),
       ("diffusion.logit_std", set_("diffusion.logit_std", 0.0), 1),
       ("diffusion.time_sampling", lambda c: (c.diffusion.update(time_sampling="logit_normal"),

@@ -18,7 +18,7 @@ LAYERS = [
     ("objectives", "eval", "config"),
     ("train",),
     ("methods",),
-    ("main", "sample", "cache"),
+    ("main", "sample", "cache", "convert"),
 ]
 
 

@@ -91,6 +91,21 @@ def discrete_logsnr_table(name: str, num_train_timesteps: int, beta_start: float
   return np.linspace(0.0, 1.0, num_train_timesteps + 1), logsnr
 
 
+def ddpm_table_logsnr(config) -> tuple:
+  """logSNR of diffusers' alphas_cumprod[k], k = 0..T-1, of a DDPM schedule config (decreasing)."""
+  _, logsnr = discrete_logsnr_table(config["name"], config["num_train_timesteps"],
+                                    config["beta_start"], config["beta_end"],
+                                    config.get("zero_terminal_snr", False))
+  return tuple(float(v) for v in logsnr[1:])
+
+
+def ddpm_timestep(logsnr, table_logsnr):
+  """The continuous DDPM timestep tau in [0, T-1] whose alphas_cumprod has `logsnr`: the inverse
+  of the table (`ddpm_table_logsnr`; tau = t T - 1), by linear interpolation, clamped at its ends."""
+  table = jnp.asarray(table_logsnr, jnp.float32)
+  return jnp.interp(-logsnr, -table, jnp.arange(table.shape[0], dtype=jnp.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """A named logSNR schedule: `schedule.logsnr(t)` for t in [0, 1] (any shape, traced or not)."""

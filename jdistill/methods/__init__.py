@@ -8,6 +8,7 @@ import jax
 from jdistill import config as config_lib
 from jdistill import lock, resume
 from jdistill.errors import ConfigError
+from jdistill.train import teachers
 from jdistill.methods import (common, distribution_matching, multi_teacher, progressive, reflow,
                               teacher)
 
@@ -44,7 +45,9 @@ def validate(config, num_devices: int):
 def train(config, workdir: str, allow_config_changes=()):
   """Validates `config`, takes `workdir`'s lock (one writer per run), checks that a resumed run
   keeps its config (but for fields that may change and the `allow_config_changes` names), then
-  trains the method into `workdir`; returns what the method returns (the final params)."""
+  trains the method into `workdir`; returns what the method returns (the final params). A
+  converted diffusers teacher's model and diffusion sections come first (adopt_converted_teacher)."""
+  config = teachers.adopt_converted_teacher(config)
   validate(config, jax.device_count())
   with lock.hold(workdir):
     resume.check_config(config, workdir, allow_config_changes,

@@ -6,7 +6,8 @@ Any Flax Linen module plugs in if its `__call__(z, time, label=None, train=False
 raw output (data channels, or twice that for the 'both' parameterization); see docs/architecture.md.
 The Denoiser hands the module the state and time it was trained on: z in its `path`'s coordinates
 (diffusion/parameterization.py) and `time_input` of the noise level: 'logsnr' (jdistill's own
-networks), or the flow path's tau ('t') or 1000 tau ('t1000', SD3's and Flux's timesteps).
+networks), the flow path's tau ('t') or 1000 tau ('t1000', SD3's and Flux's timesteps), or the
+continuous DDPM timestep of a discrete schedule ('ddpm_timestep', diffusers' UNets).
 """
 from __future__ import annotations
 
@@ -19,17 +20,20 @@ import jax.numpy as jnp
 
 from jdistill.diffusion import parameterization as param_lib
 from jdistill.diffusion.parameterization import Prediction
-from jdistill.diffusion.schedules import flow_time
-from jdistill.errors import check_choice
+from jdistill.diffusion.schedules import ddpm_table_logsnr, ddpm_timestep, flow_time
+from jdistill.errors import ConfigError, check_choice
 
-MODELS = ("unet", "mlp")
-TIME_INPUTS = ("logsnr", "t", "t1000")
+MODELS = ("unet", "mlp", "diffusers_unet")
+TIME_INPUTS = ("logsnr", "t", "t1000", "ddpm_timestep")
 
 
-def network_time(logsnr, time_input: str):
-  """What a network takes as its time: logSNR itself, or the flow path's tau (x 1000)."""
+def network_time(logsnr, time_input: str, ddpm_logsnr: tuple = ()):
+  """What a network takes as its time: logSNR itself, the flow path's tau (x 1000), or the DDPM
+  timestep of the table `ddpm_logsnr` (schedules.ddpm_table_logsnr)."""
   if time_input == "logsnr":
     return logsnr
+  if time_input == "ddpm_timestep":
+    return ddpm_timestep(logsnr, ddpm_logsnr)
   return flow_time(logsnr) * (1000.0 if time_input == "t1000" else 1.0)
 
 
@@ -40,11 +44,13 @@ class Denoiser:
   num_classes: int = 0            # > 0: label `num_classes` is the null (unconditional) class
   path: str = "vp"                # 'vp' | 'flow': the coordinates of the z it sees and its 'v'
   time_input: str = "logsnr"      # what it takes as time (TIME_INPUTS)
+  ddpm_logsnr: tuple = dataclasses.field(default=(), repr=False)   # 'ddpm_timestep': the
+                                  # logSNR of each DDPM timestep (schedules.ddpm_table_logsnr)
 
   def apply_module(self, params, z, logsnr, cond, **kwargs):
     """The module on the state and time in its own terms (its raw output)."""
     return self.module.apply({"params": params}, param_lib.path_state(z, logsnr, self.path),
-                             network_time(logsnr, self.time_input), cond, **kwargs)
+                             network_time(logsnr, self.time_input, self.ddpm_logsnr), cond, **kwargs)
 
   def to_prediction(self, output, z, logsnr) -> Prediction:
     return param_lib.from_model_output(self.parameterization, output, z, logsnr, self.path)
@@ -106,14 +112,18 @@ def with_step_embedding(denoiser: "Denoiser", params, example_z):
   return {**params, "step_embedding": {"embedding": jnp.zeros(table.shape, table.dtype)}}
 
 
-def make_denoiser(model_config, data_shape, parameterization: str, path: str = "vp") -> Denoiser:
+def make_denoiser(model_config, data_shape, parameterization: str, path: str = "vp",
+                  schedule=None) -> Denoiser:
   """Builds the Denoiser from `config.model` for data of shape `data_shape` (no batch dim), a
-  model of `path` (schedules.path_of the diffusion schedule)."""
+  model of `path` (schedules.path_of the diffusion schedule); `schedule` (config.diffusion.schedule)
+  is needed by a network that takes its DDPM timestep (time_input 'ddpm_timestep')."""
+  from jdistill.models import diffusers_unet
   from jdistill.models.mlp import MLPDenoiser
   from jdistill.models.unet import UNet
   check_choice("model.name", model_config.name, MODELS)
   dtype = jnp.dtype(model_config.dtype)
   out = param_lib.output_channels(parameterization, data_shape[-1])
+  time_input = model_config.get("time_input", "logsnr")
   if model_config.name == "unet":
     module = UNet(out_channels=out, channels=model_config.channels,
                   channel_mult=tuple(model_config.channel_mult),
@@ -122,9 +132,26 @@ def make_denoiser(model_config, data_shape, parameterization: str, path: str = "
                   num_heads=model_config.num_heads, dropout=model_config.dropout,
                   num_classes=model_config.num_classes, norm_groups=model_config.norm_groups,
                   dtype=dtype)
-  else:
+  elif model_config.name == "mlp":
     module = MLPDenoiser(out_channels=out, hidden=model_config.channels,
                          depth=model_config.num_res_blocks, num_classes=model_config.num_classes,
                          dtype=dtype)
-  return Denoiser(module, parameterization, model_config.num_classes, path,
-                  model_config.get("time_input", "logsnr"))
+  else:
+    diffusers = model_config.get("diffusers")
+    diffusers = diffusers.to_dict() if hasattr(diffusers, "to_dict") else diffusers
+    if not diffusers:
+      raise ConfigError("config.model.diffusers: a 'diffusers_unet' needs the UNet2DModel's "
+                        "config.json here; convert the model with jdistill.convert")
+    for field, want in (("in_channels", data_shape[-1]), ("out_channels", out)):
+      if diffusers.get(field, 3) != want:
+        raise ConfigError(f"config.model.diffusers.{field}={diffusers.get(field, 3)}, but data "
+                          f"of shape {tuple(data_shape)} with parameterization "
+                          f"{parameterization!r} needs {want}")
+    module = diffusers_unet.from_config(diffusers, dtype)
+  ddpm_logsnr = ()
+  if time_input == "ddpm_timestep":
+    if schedule is None or schedule["name"] not in ("linear", "scaled_linear"):
+      raise ConfigError("config.model.time_input='ddpm_timestep' needs a DDPM schedule "
+                        "('linear', 'scaled_linear') in config.diffusion.schedule")
+    ddpm_logsnr = ddpm_table_logsnr(schedule)
+  return Denoiser(module, parameterization, model_config.num_classes, path, time_input, ddpm_logsnr)

@@ -136,3 +136,29 @@ def export(params, config, path: str, sampling: dict):
 def read_export(path: str) -> dict:
   """The JSON next to an exported .msgpack (None if there is none)."""
   return files.read_json(path.replace(".msgpack", ".json"))
+
+
+def with_export_sections(config, exported: dict, sections=("model", "diffusion", "data")):
+  """`config` with an exported model's JSON `sections` laid over its own: what rebuilds it."""
+  for section in sections:
+    config[section].update(exported.get(section) or {})
+  return config
+
+
+CONVERTED_DIFFUSION = ("schedule", "parameterization", "clip_x")
+
+
+def adopt_converted_teacher(config):
+  """When config.teacher.checkpoint is a converted teacher (jdistill.convert: model.name
+  'diffusers_unet', an architecture no other config names), `config` takes its model section and
+  its diffusion schedule, parameterization and clip_x, so student and teacher are its network."""
+  path = config.teacher.checkpoint
+  exported = read_export(path) if path.endswith(".msgpack") else None
+  if not exported or exported["model"].get("name") != "diffusers_unet":
+    return config
+  logging.info("Teacher %s is a converted diffusers UNet2DModel: config.model and "
+               "config.diffusion.{%s} are its", path, ",".join(CONVERTED_DIFFUSION))
+  config.model.update(exported["model"])
+  config.diffusion.update({k: exported["diffusion"][k] for k in CONVERTED_DIFFUSION
+                           if k in exported["diffusion"]})
+  return config

@@ -1,0 +1,83 @@
+"""Converting a 35.7M-parameter diffusers teacher: a random-weight UNet2DModel in
+google/ddpm-cifar10-32's layout (no weights are downloaded), through `python -m jdistill.convert`
+in its own process: its wall time and peak host memory, then the converted network's output
+against PyTorch's (max-abs over a batch at several timesteps, float32).
+
+  python benchmarks/convert_cifar10.py        # about 2 minutes on 2 CPU cores
+
+Writes benchmarks/results/convert_cifar10.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DDPM_CIFAR10 = dict(    # google/ddpm-cifar10-32's config.json
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+    layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                          "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+    norm_eps=1e-6, norm_num_groups=32)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--timesteps", default="0,500,999")
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                    "convert_cifar10.json"))
+  args = parser.parse_args()
+  import numpy as np
+  import torch
+  from diffusers import DDPMScheduler, UNet2DModel
+  torch.manual_seed(0)
+  model = UNet2DModel(**DDPM_CIFAR10).eval()
+  num_params = sum(p.numel() for p in model.parameters())
+  with tempfile.TemporaryDirectory() as tmp:
+    model.save_pretrained(os.path.join(tmp, "unet"))
+    DDPMScheduler(num_train_timesteps=1000).save_config(os.path.join(tmp, "scheduler"))
+    teacher = os.path.join(tmp, "teacher.msgpack")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "jdistill.convert", f"--diffusers={tmp}/unet",
+                    f"--scheduler={tmp}/scheduler", f"--out={teacher}"], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    seconds = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    import jax
+    from flax import serialization
+    from jdistill.models import diffusers_unet
+    with open(teacher, "rb") as f:
+      params = serialization.msgpack_restore(f.read())
+    with open(teacher.replace(".msgpack", ".json")) as f:
+      module = diffusers_unet.from_config(json.load(f)["model"]["diffusers"])
+    rng = np.random.RandomState(0)
+    timesteps = [float(t) for t in args.timesteps.split(",")]
+    x = rng.randn(args.batch * len(timesteps), 32, 32, 3).astype(np.float32)
+    t = np.repeat(np.asarray(timesteps, np.float32), args.batch)
+    ours = np.asarray(jax.jit(module.apply)({"params": params}, x, t))
+    with torch.no_grad():
+      theirs = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t)).sample
+    error = float(np.abs(ours - theirs.numpy().transpose(0, 2, 3, 1)).max())
+  result = dict(params_millions=round(num_params / 1e6, 2), convert_seconds=round(seconds, 1),
+                convert_peak_host_mib=round(peak_mib), weights_mib=round(num_params * 4 / 2**20),
+                max_abs_error=error, output_max_abs=float(np.abs(ours).max()),
+                inputs=len(x), timesteps=timesteps)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  main()
