@@ -8,8 +8,8 @@ import jax
 from jdistill import config as config_lib
 from jdistill import lock, resume
 from jdistill.errors import ConfigError
-from jdistill.methods import (common, distribution_matching, multi_teacher, progressive, reflow,
-                              teacher)
+from jdistill.methods import (common, consistency, distribution_matching, meanflow, multi_teacher,
+                              progressive, reflow, teacher)
 
 METHODS = {
     "teacher": teacher,
@@ -17,6 +17,8 @@ METHODS = {
     "dmd": distribution_matching,
     "multi_teacher": multi_teacher,
     "reflow": reflow,
+    "meanflow": meanflow,
+    "consistency": consistency,
 }
 
 
