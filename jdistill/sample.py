@@ -82,12 +82,14 @@ def config_of_export(exported: dict):
   return config
 
 
-def load_params(exp, checkpoint: str):
+def load_params(exp, checkpoint: str, flow_map: bool = False):
+  """The params to sample; `flow_map`: a flow map's (its interval embedding too)."""
+  abstract = exp.abstract_params(flow_map)
   if checkpoint.endswith(".msgpack"):
-    return teachers.load_exported(checkpoint, exp.abstract_params())
+    return teachers.load_exported(checkpoint, abstract)
   if (epath.Path(checkpoint) / "checkpoints").is_dir():
     checkpoint = os.path.join(checkpoint, "checkpoints")
-  return ckpt_lib.restore_params(checkpoint, exp.abstract_params(),
+  return ckpt_lib.restore_params(checkpoint, abstract,
                                  key=methods.get(exp.config.method).PARAMS_KEY)
 
 
@@ -122,7 +124,7 @@ def main(argv):
   exp = setup.build(config, workdir, evaluator=FLAGS.fd, record_config=False)
   logging.info("Sampling %d x %d steps (%s, %s grid) from %s", FLAGS.num_samples, num_steps, mode,
                "uniform" if grid is None else "the exported", checkpoint)
-  params = load_params(exp, checkpoint)
+  params = load_params(exp, checkpoint, flow_map=mode == "flowmap")
 
   def draw(seed):
     labels = None

@@ -173,6 +173,17 @@ def test_meanflow_trains_exports_and_reports(tmp_path):
   assert exported["sampling"] == {"mode": "flowmap", "steps": 1, "guidance": 0.0}
   assert max(int(p) for p in os.listdir(run / "checkpoints") if p.isdigit()) == 3
   assert {"tangent_norm", "tangent_norm_max", "weight_min", "weight_max"} <= logged_tags(run)
+  # the export samples alone, as the flow map it is (its interval embedding restored)
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "jdistill.sample", f"--checkpoint={run}/student.msgpack",
+       "--num_samples=4", f"--out={tmp_path}/samples.npz"],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=repo),
+      cwd=repo, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert np.load(tmp_path / "samples.npz")["samples"].shape == (4, 8, 8, 1)
 
 
 def logged_tags(workdir):
