@@ -25,8 +25,8 @@ MU, S = 0.4, 0.6           # data x ~ N(MU, S^2 I)
 def gaussian_flow(z, r, t):
   """The exact flow of x ~ N(MU, S^2) on z_t = (1 - t) x + t e: z_t has mean m_t = (1 - t) MU and
   std s_t = sqrt((1 - t)^2 S^2 + t^2), and the ODE keeps (z - m) / s fixed, so the flow map is
-  z_r = m_r + s_r / s_t (z - m_t) and the average velocity u = (z_t - z_r) / (t - r)
-  = -MU ... written as u = (z - m_t)(s_t - s_r) / ((t - r) s_t) - MU; at r = t the velocity
+  z_r = m_r + s_r / s_t (z - m_t), and the average velocity u = (z_t - z_r) / (t - r) is
+  u = (z - m_t)(s_t - s_r) / ((t - r) s_t) - MU; at r = t the velocity
   v = (z - m_t) s_t' / s_t - MU with s_t' = (t - (1 - t) S^2) / s_t."""
   std = lambda tau: jnp.sqrt((1 - tau) ** 2 * S**2 + tau**2)
   s_t, s_r, h = std(t), std(r), t - r
