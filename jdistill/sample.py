@@ -2,7 +2,7 @@
 
   python -m jdistill.sample --checkpoint=MODEL.msgpack [--num_steps=N] --num_samples=M --out=FILE.npz
   python -m jdistill.sample --workdir=DIR [--checkpoint=PATH] [--num_steps=N] ...
-      [--mode=ddim|ancestral|renoise] [--fd [--fd_repeats=R]]
+      [--mode=ddim|ancestral|renoise|flowmap] [--fd [--fd_repeats=R]]
 
 Writes `samples` (images: uint8 NHWC in 0..255; 2-D data: float32 (M, 2)) and `labels` to FILE.npz,
 and a PNG grid next to it; with --fd, also prints their FD against the held-out split in the run's
@@ -39,9 +39,10 @@ flags.DEFINE_integer("num_steps", None, "Sampling steps (default: the exported m
 flags.DEFINE_integer("num_samples", 100, "How many samples.", lower_bound=1)
 flags.DEFINE_string("out", "samples.npz", "Output .npz path (a PNG grid is written next to it).")
 flags.DEFINE_integer("seed", 0, "Noise seed.", lower_bound=0)
-flags.DEFINE_enum("mode", None, ["ddim", "euler", "ancestral", "renoise"],
-                  "Sampler: DDIM (= Euler on a flow's velocity), DDPM ancestral, or re-noising "
-                  "(DMD2 generators). Default: the "
+flags.DEFINE_enum("mode", None, ["ddim", "euler", "ancestral", "renoise", "flowmap"],
+                  "Sampler: DDIM (= Euler on a flow's velocity), DDPM ancestral, re-noising or a flow "
+                  "map's steps (flowmap: MeanFlow); re-noising for DMD2 generators and "
+                  "consistency models. Default: the "
                   "exported model's, else the method's.")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance weight. Default: the exported "
                    "model's; else config.diffusion.guidance for a teacher run, 0 for distilled "
@@ -79,12 +80,14 @@ def config_of_export(exported: dict):
   return config
 
 
-def load_params(exp, checkpoint: str):
+def load_params(exp, checkpoint: str, flow_map: bool = False):
+  """The params to sample; `flow_map`: a flow map's (its interval embedding too)."""
+  abstract = exp.abstract_params(flow_map)
   if checkpoint.endswith(".msgpack"):
-    return teachers.load_exported(checkpoint, exp.abstract_params())
+    return teachers.load_exported(checkpoint, abstract)
   if (epath.Path(checkpoint) / "checkpoints").is_dir():
     checkpoint = os.path.join(checkpoint, "checkpoints")
-  return ckpt_lib.restore_params(checkpoint, exp.abstract_params(),
+  return ckpt_lib.restore_params(checkpoint, abstract,
                                  key=methods.get(exp.config.method).PARAMS_KEY)
 
 
@@ -119,7 +122,7 @@ def main(argv):
   exp = setup.build(config, workdir, evaluator=FLAGS.fd, record_config=False)
   logging.info("Sampling %d x %d steps (%s, %s grid) from %s", FLAGS.num_samples, num_steps, mode,
                "uniform" if grid is None else "the exported", checkpoint)
-  params = load_params(exp, checkpoint)
+  params = load_params(exp, checkpoint, flow_map=mode == "flowmap")
 
   def draw(seed):
     labels = None

@@ -128,7 +128,7 @@ def ddim_x_target(z_t, z_s, x_at_end, logsnr_t, logsnr_s, s):
   return jnp.where(broadcast_to_data(s, z_t) == 0.0, x_at_end, x_target)
 
 
-MODES = ("ddim", "euler", "ancestral", "renoise")   # 'euler' on a flow's velocity is DDIM
+MODES = ("ddim", "euler", "ancestral", "renoise", "flowmap")  # 'euler' on a flow's velocity is DDIM
 STOCHASTIC = ("ancestral", "renoise")
 
 
@@ -147,7 +147,11 @@ def sample(predict_fn: PredictFn, schedule, noise, num_steps, *, clip_x: bool = 
   array, may be traced and padded past N; `padded_grid`), default the uniform t_i = i / N. `mode`:
   'ddim' (deterministic; the default without `rng`), 'euler' (the same step: on the flow path
   z_s = z_t + (tau_s - tau_t) v_hat is exactly DDIM's), 'ancestral' (DDPM; the default with
-  `rng`) or 'renoise' (x_hat re-noised with fresh noise). The last step returns the x prediction itself (at s = 0, z_s = x_hat).
+  `rng`), 'renoise' (x_hat re-noised with fresh noise) or 'flowmap' (a flow map told where each
+  step lands: `predict_fn(z, logsnr_t, logsnr_s)`; its Prediction at (t, s) holds the average
+  velocity u = eps - x over [s, t], so DDIM's step is the flow map's z_s = z_t + (tau_s - tau_t) u
+  and x = z_t - tau_t u(z, 0, t) at the last; `clip_x` clips only that sample). The last step
+  returns the x prediction itself (at s = 0, z_s = x_hat).
   """
   mode = mode or ("ddim" if rng is None else "ancestral")
   if mode not in MODES:
@@ -166,9 +170,12 @@ def sample(predict_fn: PredictFn, schedule, noise, num_steps, *, clip_x: bool = 
       t, s = grid[num_steps - i], grid[num_steps - i - 1]
     logsnr_t = jnp.full((batch,), schedule(t))
     logsnr_s = jnp.full((batch,), schedule(s))
-    pred = predict_fn(z, logsnr_t)
-    if clip_x:
-      pred = clip_x0(pred, z, logsnr_t)
+    if mode == "flowmap":
+      pred = predict_fn(z, logsnr_t, logsnr_s)
+    else:
+      pred = predict_fn(z, logsnr_t)
+      if clip_x:
+        pred = clip_x0(pred, z, logsnr_t)
     if mode not in STOCHASTIC:
       z_next = ddim_step(pred, logsnr_s)
     else:
@@ -177,6 +184,7 @@ def sample(predict_fn: PredictFn, schedule, noise, num_steps, *, clip_x: bool = 
         z_next = ancestral_step(pred, z, logsnr_t, logsnr_s, step_noise)
       else:
         z_next = renoise_step(pred, logsnr_s, step_noise)
-    return jnp.where(i == num_steps - 1, pred.x0, z_next)
+    x = jnp.clip(pred.x0, -1.0, 1.0) if clip_x else pred.x0
+    return jnp.where(i == num_steps - 1, x, z_next)
 
   return jax.lax.fori_loop(0, num_steps, body, noise)

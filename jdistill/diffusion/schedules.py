@@ -66,6 +66,15 @@ def flow_time(logsnr):
   return jax.nn.sigmoid(-0.5 * logsnr)
 
 
+def time_of_logsnr(schedule, logsnr: float) -> float:
+  """The t in [0, 1] where `schedule` (logSNR falling in t) reaches `logsnr`, by bisection."""
+  lo, hi = 0.0, 1.0
+  for _ in range(40):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if float(schedule(mid)) > logsnr else (lo, mid)
+  return 0.5 * (lo + hi)
+
+
 def discrete_logsnr_table(name: str, num_train_timesteps: int, beta_start: float, beta_end: float,
                           zero_terminal_snr: bool = False):
   """logSNR at t_k = k / T for k = 0..T of a DDPM beta schedule (k = 0 is clean: logsnr_max).

@@ -13,6 +13,7 @@ import numpy as np
 from jdistill import files
 from jdistill.data import pipeline
 from jdistill.diffusion import sampling
+from jdistill.diffusion.schedules import flow_time
 from jdistill.eval import features as features_lib
 from jdistill.eval import frechet
 from jdistill.eval import neighbours
@@ -29,11 +30,13 @@ class Sampler:
   @functools.partial(jax.jit, static_argnums=(0, 5, 8))
   def _sample_batch(self, params, noise, label, num_steps, mode, rng, grid, guidance):
     # step-conditioned generators (TDM-unify) are told the step count; other params ignore it
-    def predict(z, logsnr):
+    # flow maps ('flowmap' mode) are told each step's flow-time interval h = tau_t - tau_s
+    def predict(z, logsnr, logsnr_end=None):
       steps = jnp.full((z.shape[0],), num_steps, jnp.int32)
       if guidance:
         return self.denoiser.predict_guided(params, z, logsnr, label, guidance, steps)
-      return self.denoiser.predict(params, z, logsnr, label, steps=steps)
+      interval = None if logsnr_end is None else flow_time(logsnr) - flow_time(logsnr_end)
+      return self.denoiser.predict(params, z, logsnr, label, steps=steps, interval=interval)
     return sampling.sample(predict, self.schedule, noise, num_steps, clip_x=self.clip_x,
                            rng=rng if mode in sampling.STOCHASTIC else None, mode=mode, grid=grid)
 
@@ -41,7 +44,7 @@ class Sampler:
              labels: Optional[np.ndarray] = None, mode: str = "ddim", timed: bool = False,
              grid=None, guidance: float = 0.0):
     """`num_samples` samples in the data range, as numpy; noise and labels depend only on `seed`.
-    `mode`: 'ddim', 'ancestral' (DDPM) or 'renoise' (few-step generators). `timed`: (samples,
+    `mode`: 'ddim', 'ancestral' (DDPM), 'renoise' (few-step generators) or 'flowmap'. `timed`: (samples,
     ms per sample over the full batches after the first, which may compile; None without one).
     `grid`: the N + 1 sampling time points 0 = t_0 < ... < t_N = 1 (default uniform); a uniform
     one samples exactly as without it. `guidance`: the classifier-free guidance weight w, for a

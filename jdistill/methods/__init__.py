@@ -9,8 +9,8 @@ from jdistill import config as config_lib
 from jdistill import lock, resume
 from jdistill.errors import ConfigError
 from jdistill.train import teachers
-from jdistill.methods import (common, distribution_matching, multi_teacher, progressive, reflow,
-                              teacher)
+from jdistill.methods import (common, consistency, distribution_matching, meanflow, multi_teacher,
+                              progressive, reflow, teacher)
 
 METHODS = {
     "teacher": teacher,
@@ -18,6 +18,8 @@ METHODS = {
     "dmd": distribution_matching,
     "multi_teacher": multi_teacher,
     "reflow": reflow,
+    "meanflow": meanflow,
+    "consistency": consistency,
 }
 
 

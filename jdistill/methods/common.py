@@ -85,15 +85,18 @@ def train(exp, objective, settings: loop.Settings, *, workdir: str, train_data, 
   return Trained(state, last_eval, best, time.time() - start)
 
 
-def fd_callback(exp, steps_list, prefix: str = "", mode: str = "ddim", guidance: float = 0.0):
+def fd_callback(exp, steps_list, prefix: str = "", mode: str = "ddim", guidance: float = 0.0,
+                grids=None):
   """evaluate(params, step) -> ({'fd_<N>steps': ..., and the evaluator's other metrics (memorised,
   precision, recall, [fd_teacher]) likewise}, {'samples': grid of the first N}) for the loop;
   `mode` is the sampler ('renoise' for DMD2 generators), `guidance` what the model takes (a
-  teacher's config.diffusion.guidance; 0 for distilled students)."""
+  teacher's config.diffusion.guidance; 0 for distilled students), `grids` {N: time grid} where a
+  step count samples on a grid of its own (default uniform)."""
   def evaluate(params, step):
     scalars, grid = {}, None
     for n in steps_list:
-      result, samples = exp.evaluator.evaluate(params, n, mode, guidance=guidance)
+      result, samples = exp.evaluator.evaluate(params, n, mode, guidance=guidance,
+                                               grid=(grids or {}).get(n))
       scalars.update({f"{k}_{n}steps": v for k, v in result.items()})
       grid = eval_lib.image_grid(samples) if grid is None else grid
     logging.info("%seval at step %d: %s", prefix, step,
@@ -103,17 +106,18 @@ def fd_callback(exp, steps_list, prefix: str = "", mode: str = "ddim", guidance:
 
 
 def fd_table(exp, params, steps_list, *, mode: str = "ddim", last_eval=None, name: str = "",
-             guidance: float = 0.0):
+             guidance: float = 0.0, grids=None):
   """End-of-run rows {steps, fd, [swd], [fd_teacher], [memorised, precision, recall],
   ms_per_sample, seconds} on eval.final_num_samples samples; a training evaluation in `last_eval`
   of the same sample count with every metric is reused, not redone. Sample grids go to
-  `<workdir>/<name>samples_<N>steps.png`."""
+  `<workdir>/<name>samples_<N>steps.png`. `grids`: as fd_callback's."""
   rows = []
   for n in steps_list:
     start = time.time()
     result = reused_evaluation(exp, last_eval, n)
     if result is None:
-      result, samples = exp.evaluator.evaluate(params, n, mode, final=True, guidance=guidance)
+      result, samples = exp.evaluator.evaluate(params, n, mode, final=True, guidance=guidance,
+                                               grid=(grids or {}).get(n))
       eval_lib.save_png(eval_lib.image_grid(samples),
                         os.path.join(exp.workdir, f"{name}samples_{n}steps.png"))
     ms = exp.evaluator.speed(result, params, n, mode, guidance)

@@ -55,21 +55,29 @@ class Denoiser:
   def to_prediction(self, output, z, logsnr) -> Prediction:
     return param_lib.from_model_output(self.parameterization, output, z, logsnr, self.path)
 
-  def init(self, rng, example_z, step_conditioned: bool = False):
-    """Params; `step_conditioned` adds the (zero) step-count embedding of TDM-unify generators."""
+  def init(self, rng, example_z, step_conditioned: bool = False, flow_map: bool = False):
+    """Params; `step_conditioned` adds the (zero) step-count embedding of TDM-unify generators,
+    `flow_map` the (zero) interval embedding of flow maps (MeanFlow)."""
     batch = example_z.shape[0]
     label = jnp.zeros((batch,), jnp.int32) if self.num_classes else None
-    steps = {"steps": jnp.ones((batch,), jnp.int32)} if step_conditioned else {}
+    extra = {"steps": jnp.ones((batch,), jnp.int32)} if step_conditioned else {}
+    if flow_map:
+      extra["interval"] = jnp.zeros((batch,))
     return self.module.init({"params": rng, "dropout": rng}, example_z, jnp.zeros((batch,)), label,
-                            **steps)
+                            **extra)
 
   def predict(self, params, z, logsnr, cond: Optional[jnp.ndarray] = None, *,
               train: bool = False, rng: Optional[jax.Array] = None,
-              steps: Optional[jnp.ndarray] = None) -> Prediction:
+              steps: Optional[jnp.ndarray] = None,
+              interval: Optional[jnp.ndarray] = None) -> Prediction:
     """`steps`: the sampler's step count K per example; only step-conditioned params (those
-    holding a `step_embedding`) read it, so samplers can always pass it."""
+    holding a `step_embedding`) read it, so samplers can always pass it. `interval`: the flow-time
+    interval h = t - r of a flow map's step (per example); only flow-map params (those holding an
+    `interval_embedding`) read it, and without it they predict at h = 0 (the velocity)."""
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     extra = {"steps": steps} if (steps is not None and is_step_conditioned(params)) else {}
+    if is_flow_map(params):
+      extra["interval"] = jnp.zeros(logsnr.shape) if interval is None else interval
     output = self.apply_module(params, z, logsnr, cond, train=train, rngs=rngs, **extra)
     return self.to_prediction(output, z, logsnr)
 
@@ -101,6 +109,19 @@ class Denoiser:
 
 def is_step_conditioned(params) -> bool:
   return "step_embedding" in params
+
+
+def is_flow_map(params) -> bool:
+  return "interval_embedding" in params
+
+
+def with_interval_embedding(denoiser: "Denoiser", params, example_z):
+  """`params` (e.g. the teacher's) plus a zero interval embedding: a flow map that is the teacher's
+  velocity at every interval, ready to learn its average velocities (MeanFlow)."""
+  fresh = jax.eval_shape(lambda: denoiser.init(jax.random.key(0), example_z, flow_map=True)["params"])
+  zeros = lambda leaf: jnp.zeros(getattr(leaf, "value", leaf).shape, getattr(leaf, "value", leaf).dtype)
+  return {**params, "interval_embedding": jax.tree.map(
+      zeros, fresh["interval_embedding"], is_leaf=lambda x: isinstance(x, nn.Partitioned))}
 
 
 def with_step_embedding(denoiser: "Denoiser", params, example_z):

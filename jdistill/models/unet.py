@@ -140,6 +140,23 @@ def add_step_embedding(emb, steps: Optional[jnp.ndarray], dtype):
   return emb + table(jnp.clip(steps, 0, MAX_STEPS).astype(jnp.int32))
 
 
+def add_interval_embedding(emb, interval: Optional[jnp.ndarray], dtype):
+  """emb + W phi(h) for a flow map (MeanFlow): h = t - r in [0, 1] is the flow-time interval the
+  output averages the velocity over, phi its sinusoidal embedding (of 1000 h). W starts at zero, so
+  a flow map initialised from the teacher is the teacher (its velocity) at every h."""
+  if interval is None:
+    return emb
+  half = emb.shape[-1] // 8
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = 1000.0 * interval[:, None].astype(jnp.float32) * freqs[None]
+  features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  layer = nn.Dense(emb.shape[-1], dtype=dtype, name="interval_embedding",
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                            ("embed_in", "embed_out")),
+                   bias_init=bias_init("embed_out"))
+  return emb + layer(features)
+
+
 class ResBlock(nn.Module):
   features: int
   groups: int
@@ -193,7 +210,8 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, z, logsnr, label: Optional[jnp.ndarray] = None, train: bool = False,
-               capture_features: bool = False, steps: Optional[jnp.ndarray] = None):
+               capture_features: bool = False, steps: Optional[jnp.ndarray] = None,
+               interval: Optional[jnp.ndarray] = None):
     emb_dim = 4 * self.channels
     emb = logsnr_embedding(logsnr, self.channels)
     emb = dense(emb_dim, self.dtype)(emb)
@@ -205,6 +223,7 @@ class UNet(nn.Module):
                            embedding_init=nn.with_logical_partitioning(
                                nn.initializers.normal(0.02), ("classes", "embed_out")))(label)
     emb = add_step_embedding(emb, steps, self.dtype)
+    emb = add_interval_embedding(emb, interval, self.dtype)
 
     h = conv(self.channels, self.dtype)(z.astype(self.dtype))
     skips = [h]

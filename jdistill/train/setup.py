@@ -45,12 +45,14 @@ class Experiment:
   def optimizer(self, optim=None):
     return state_lib.make_optimizer(optim or self.config.optim)
 
-  def abstract_params(self):
-    """Shape/dtype/sharding of the denoiser's params on this mesh (for restoring teachers)."""
+  def abstract_params(self, flow_map: bool = False):
+    """Shape/dtype/sharding of the denoiser's params on this mesh (for restoring teachers);
+    `flow_map`: with the interval embedding of a flow map (MeanFlow students)."""
     from jdistill.train.checkpoint import abstract_with_shardings
     import flax.linen as nn
     boxed = jax.eval_shape(lambda: self.denoiser.init(jax.random.key(0),
-                                                      jnp.zeros((1, *self.data_shape)))["params"])
+                                                      jnp.zeros((1, *self.data_shape)),
+                                                      flow_map=flow_map)["params"])
     return abstract_with_shardings(nn.unbox(boxed), partitioning.shardings_for(boxed, self.mesh))
 
   def param_shardings(self):
