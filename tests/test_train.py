@@ -58,7 +58,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_sharded_step_equals_one_device_step(tmp_path):
   env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT.format(workdir=tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1800)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = {l.split()[0]: dict(kv.split("=") for kv in l.split()[1:])
            for l in out.stdout.splitlines() if "maxdiff" in l}
