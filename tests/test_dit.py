@@ -138,6 +138,14 @@ def test_digits_dit_preset_and_config_checks():
   params = jax.eval_shape(denoiser.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
   assert config.model.name == "dit" and _count(params) == 2_161_412   # the U-Net teacher: 2,247,553
   assert base_config("digits_dit_flow").diffusion.schedule.name == "flow"
+  config.model.dtype = "bfloat16"         # bfloat16 compute, float32 params and output
+  module = make_denoiser(config.model, (8, 8, 1), "v").module
+  params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,)))
+  assert {x.dtype for x in jax.tree.leaves(nn.unbox(params))} == {jnp.dtype("float32")}
+  out, features = jax.eval_shape(lambda p: module.apply(p, jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,)),
+                                                        capture_features=True, mutable=["intermediates"]),
+                                 nn.unbox(params))
+  assert out.dtype == jnp.float32 and features["intermediates"]["bottleneck"][0].dtype == jnp.bfloat16
   assert base_config("digits").model.name == "unet"
   with pytest.raises(ConfigError, match="toy2d_dit"):
     base_config("toy2d_dit")

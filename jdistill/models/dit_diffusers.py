@@ -53,11 +53,11 @@ def _layout(c) -> dict:
     layout[f"{key}.weight"] = (path + ("kernel",), (d_out, d_in), lambda w: w.T)
     layout[f"{key}.bias"] = (path + ("bias",), (d_out,), lambda b: b)
 
-  def attention(key, path, kind):
-    if kind == "out":
+  def attention(key, path, out):
+    if out:         # (heads, head_dim, d), the heads of the input split
       layout[f"{key}.weight"] = (path + ("kernel",), (d, d), lambda w: w.T.reshape(heads, -1, d))
       layout[f"{key}.bias"] = (path + ("bias",), (d,), lambda b: b)
-    else:
+    else:           # (d, heads, head_dim), the heads of the output split
       layout[f"{key}.weight"] = (path + ("kernel",), (d, d), lambda w: w.T.reshape(d, heads, -1))
       layout[f"{key}.bias"] = (path + ("bias",), (d,), lambda b: b.reshape(heads, -1))
 
@@ -73,7 +73,7 @@ def _layout(c) -> dict:
     key, path = f"transformer_blocks.{i}", (f"transformer_blocks_{i}",)
     linear(f"{key}.norm1.linear", path + ("norm1_linear",), d, 6 * d)
     for theirs, ours in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "out")):
-      attention(f"{key}.attn1.{theirs}", path + ("attn1", ours), "out" if ours == "out" else "in")
+      attention(f"{key}.attn1.{theirs}", path + ("attn1", ours), out=ours == "out")
     linear(f"{key}.ff.net.0.proj", path + ("ff_in",), d, 4 * d)
     linear(f"{key}.ff.net.2", path + ("ff_out",), 4 * d, d)
   linear("proj_out_1", ("proj_out_1",), d, 2 * d)
@@ -85,10 +85,9 @@ def dit_params_from_diffusers(state_dict: Mapping, diffusers_config: Mapping) ->
   """`state_dict` (diffusers key -> numpy array) as the params of dit_from_diffusers_config."""
   c = _config(diffusers_config)
   layout = _layout(c)
-  shared = {key[len(SHARED_EMBEDDER.format(0)):] for key in layout
-            if key.startswith(SHARED_EMBEDDER.format(0))}
-  copies = {SHARED_EMBEDDER.format(i) + name: SHARED_EMBEDDER.format(0) + name
-            for i in range(1, c["num_layers"]) for name in shared}
+  first = SHARED_EMBEDDER.format(0)
+  copies = {key.replace(first, SHARED_EMBEDDER.format(i), 1): key     # block i's copy: block 0's
+            for key in layout if key.startswith(first) for i in range(1, c["num_layers"])}
   shapes = {**{key: shape for key, (_, shape, _) in layout.items()},
             **{copy: layout[original][1] for copy, original in copies.items()}}
   problems = [f"missing key {key!r}" for key in shapes if key not in state_dict]
