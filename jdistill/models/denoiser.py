@@ -82,7 +82,8 @@ class Denoiser:
   def predict_with_features(self, params, z, logsnr, cond=None, layers=("bottleneck",), *,
                             train: bool = False, rng: Optional[jax.Array] = None):
     """(Prediction, [activations of `layers`]) from one forward pass. U-Net layer names:
-    'down_<level>', 'bottleneck', 'up_<level>'; DiT: 'block_<i>', 'bottleneck' (the middle block)."""
+    'down_<level>', 'bottleneck', 'up_<level>'; DiT: 'block_<i>', 'bottleneck' (its middle
+    block)."""
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     output, state = self.apply_module(params, z, logsnr, cond, train=train, rngs=rngs,
                                       capture_features=True, mutable=["intermediates"])

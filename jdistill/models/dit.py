@@ -26,7 +26,8 @@ def timestep_embedding(t, dim: int = FREQUENCY_CHANNELS, max_period: float = 100
   """diffusers' Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=1): [cos, sin] of t f_k,
   f_k = max_period^(-k / (dim / 2 - 1)): the exp of diffusers' float32 exponent, rounded once."""
   half = dim // 2
-  exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half - 1)
+  exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+  exponent = exponent / np.float32(half - 1)
   freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
   angles = t.astype(jnp.float32)[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
@@ -140,7 +141,8 @@ class DiT(nn.Module):
         if i == (self.depth - 1) // 2:
           self.sow("intermediates", "bottleneck", x)
 
-    shift, scale = jnp.split(zero_dense(2 * d, self.dtype, "proj_out_1")(nn.silu(c))[:, None], 2, -1)
+    shift_scale = zero_dense(2 * d, self.dtype, "proj_out_1")(nn.silu(c))[:, None]
+    shift, scale = jnp.split(shift_scale, 2, -1)
     x = modulate(layer_norm(x, 1e-6, self.dtype), shift, scale)
     x = zero_dense(p * p * self.out_channels, self.dtype, "proj_out_2")(x)
     x = x.reshape(batch, rows, cols, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)

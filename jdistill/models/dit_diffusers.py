@@ -37,7 +37,8 @@ def _config(diffusers_config: Mapping) -> dict:
 def dit_from_diffusers_config(diffusers_config: Mapping, dtype="float32") -> DiT:
   """The DiT that `dit_params_from_diffusers(..., diffusers_config)` fills."""
   c = _config(diffusers_config)
-  return DiT(out_channels=c["out_channels"], hidden=c["num_attention_heads"] * c["attention_head_dim"],
+  hidden = c["num_attention_heads"] * c["attention_head_dim"]
+  return DiT(out_channels=c["out_channels"], hidden=hidden,
              patch_size=c["patch_size"], depth=c["num_layers"], num_heads=c["num_attention_heads"],
              dropout=c["dropout"], num_classes=c["num_embeds_ada_norm"], time_is_logsnr=False,
              norm_eps=c["norm_eps"], dtype=np.dtype(dtype))
