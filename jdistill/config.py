@@ -14,18 +14,19 @@ from jdistill.diffusion.losses import WEIGHTINGS
 from jdistill.diffusion.parameterization import PARAMETERIZATIONS
 from jdistill.diffusion.schedules import SCHEDULES
 from jdistill.errors import ConfigError, check_choice
-from jdistill.models.denoiser import MODELS, TIME_INPUTS
+from jdistill.models.denoiser import MODELS, TIME_INPUTS, check_dit
 from jdistill.objectives.progressive import FEATURE_SCHEDULES
 from jdistill.objectives.state import LR_SCHEDULES, OPTIMIZERS
 
 PRESETS = ("digits", "toy2d", "mnist", "cifar10", "imagenet64")
 FLOW = "_flow"      # `<preset>_flow`: the preset on the rectified-flow path (e.g. `digits_flow`)
+DIT = "_dit"        # `<preset>_dit`: the preset with a DiT for its network (`digits_dit_flow`)
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
 def data_preset(preset: str) -> str:
-  """The preset without its `_flow` suffix (what sizes data, model and budget)."""
-  return preset[:-len(FLOW)] if preset.endswith(FLOW) else preset
+  """The preset without its `_dit` and `_flow` suffixes (what sizes data, model and budget)."""
+  return preset.removesuffix(FLOW).removesuffix(DIT)
 DATA_SOURCES = ("digits", "toy2d", "tfds", "image_folder")
 FEATURE_NETS = ("digits", "raw", "inception")
 
@@ -36,7 +37,8 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
   preset = data_preset(full_preset)
   if preset not in PRESETS:
     raise ConfigError(f"config preset: unknown {full_preset!r}; choose one of {PRESETS}, each "
-                      f"also as `<preset>{FLOW}` (rectified flow)")
+                      f"also as `<preset>{FLOW}` (rectified flow), the image ones as "
+                      f"`<preset>{DIT}` (a DiT) and `<preset>{DIT}{FLOW}`")
   c = ml_collections.ConfigDict()
   c.method = "teacher"
   c.preset = full_preset
@@ -48,8 +50,9 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="unet", channels=48, channel_mult=(1, 2), num_res_blocks=2, attention_resolutions=(4,),
       num_heads=1, dropout=0.0, num_classes=0, norm_groups=8, dtype="float32",
-      time_input="logsnr"))     # the network's time: 'logsnr', the flow's tau: 't', 't1000', or
+      time_input="logsnr",      # the network's time: 'logsnr', the flow's tau: 't', 't1000', or
                                 # a DDPM schedule's timestep: 'ddpm_timestep' (diffusers' UNets)
+      patch_size=2, depth=7))   # 'dit' only (its hidden size is `channels`)
 
   c.diffusion = ml_collections.ConfigDict(dict(
       # 'linear' / 'scaled_linear': DDPM beta schedules over num_train_timesteps; the default
@@ -113,6 +116,13 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
     c.train.update(num_steps=800_000 if preset != "mnist" else 100_000, log_every=1000,
                    eval_every=50_000, save_every=10_000)
     c.eval.update(features="inception" if preset != "mnist" else "raw", num_samples=50_000)
+  if full_preset.removesuffix(FLOW).endswith(DIT):       # a DiT of about the U-Net's size
+    if preset == "toy2d":
+      raise ConfigError(f"config preset: {full_preset!r}: a DiT patchifies images; toy2d's data "
+                        "are 2-D points")
+    c.model.update(name="dit", channels=128, num_heads=4, depth=7, patch_size=2)
+    if preset != "digits":           # DiT-S/2
+      c.model.update(channels=384, num_heads=6, depth=12)
   if full_preset.endswith(FLOW):        # a rectified-flow model: its velocity, its MSE
     c.diffusion.schedule.name = "flow"
     c.diffusion.loss_weighting = "flow_v_mse"
@@ -191,6 +201,8 @@ def validate(config, num_devices: int):
   check(config.train.save_every >= 0, "train.save_every", "must be >= 0 (0: only at the end)")
   check(config.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the end)")
   check_choice("model.name", config.model.name, MODELS)
+  if config.model.name == "dit":
+    check_dit(config.model, config.data.resolution)
   check(config.optim.accumulate_steps >= 1, "optim.accumulate_steps", "must be >= 1")
   check(config.train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
   check_choice("curriculum.sampler", config.curriculum.sampler, SAMPLERS)

@@ -28,11 +28,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from jdistill.train import loop, setup
     from jdistill import partitioning
     from jdistill.methods.teacher import make_objective as objective_for
-    for preset in ("digits", "digits_flow"):        # a VP and a rectified-flow teacher
+    # the U-Net on the VP path, and the DiT on the rectified-flow path
+    for model, preset, size in [
+        ("unet", "digits", dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)),
+        ("dit", "digits_flow", dict(name="dit", channels=32, num_heads=2, depth=2))]:
       config = base_config(preset)
-      config.model.update(channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
+      config.model.update(size)
       config.data.batch_size = 32
-      exp = setup.build(config, "{workdir}", evaluator=False)
+      exp = setup.build(config, "{workdir}/" + model, evaluator=False)
       objective = objective_for(exp, 100)
       iterator = pipeline.make_iterator(exp.train_data())
       batches = [next(iterator) for _ in range(3)]
@@ -45,13 +48,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
           state, metrics = compiled.fn(state, pipeline.to_global(b, partitioning.batch_sharding(mesh)),
                                        jax.random.key(i), None, None)
         specs = [str(x.sharding.spec) for x in jax.tree.leaves(state.params)]
+        first = state.params["Conv_0" if model == "unet" else "pos_embed"]["kernel"]
         results[name] = (jax.device_get(state.params), float(metrics["loss"]),
-                         sum("fsdp" in s for s in specs), len(state.params["Conv_0"]["kernel"].sharding.device_set))
+                         sum("fsdp" in s for s in specs), len(first.sharding.device_set))
       one = results["one"]
       for name in ("data8", "fsdp2x4"):
         params, loss, fsdp_sharded, devices = results[name]
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(one[0])))
-        print(f"{{preset}}/{{name}} maxdiff={{diff:.3g}} loss={{loss:.7f}} one_loss={{one[1]:.7f}} fsdp_params={{fsdp_sharded}} devices={{devices}}")
+        print(f"{{model}}_{{name}} maxdiff={{diff:.3g}} loss={{loss:.7f}} one_loss={{one[1]:.7f}} fsdp_params={{fsdp_sharded}} devices={{devices}}")
 """)
 
 
@@ -62,13 +66,13 @@ def test_sharded_step_equals_one_device_step(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   lines = {l.split()[0]: dict(kv.split("=") for kv in l.split()[1:])
            for l in out.stdout.splitlines() if "maxdiff" in l}
-  for preset in ("digits", "digits_flow"):
-    for name in (f"{preset}/data8", f"{preset}/fsdp2x4"):
+  for model in ("unet", "dit"):
+    for name in (f"{model}_data8", f"{model}_fsdp2x4"):
       assert float(lines[name]["maxdiff"]) < 2e-5, lines
       np.testing.assert_allclose(float(lines[name]["loss"]), float(lines[name]["one_loss"]), rtol=1e-5)
       assert int(lines[name]["devices"]) == 8
-    assert int(lines[f"{preset}/data8"]["fsdp_params"]) == 0
-    assert int(lines[f"{preset}/fsdp2x4"]["fsdp_params"]) > 10      # FSDP really shards the params
+    assert int(lines[f"{model}_data8"]["fsdp_params"]) == 0
+    assert int(lines[f"{model}_fsdp2x4"]["fsdp_params"]) > 10      # FSDP really shards the params
 
 
 def _teacher_cmd(workdir, num_steps):

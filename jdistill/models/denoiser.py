@@ -23,7 +23,7 @@ from jdistill.diffusion.parameterization import Prediction
 from jdistill.diffusion.schedules import ddpm_table_logsnr, ddpm_timestep, flow_time
 from jdistill.errors import ConfigError, check_choice
 
-MODELS = ("unet", "mlp", "diffusers_unet")
+MODELS = ("unet", "dit", "mlp", "diffusers_unet")
 TIME_INPUTS = ("logsnr", "t", "t1000", "ddpm_timestep")
 
 
@@ -96,7 +96,8 @@ class Denoiser:
   def predict_with_features(self, params, z, logsnr, cond=None, layers=("bottleneck",), *,
                             train: bool = False, rng: Optional[jax.Array] = None):
     """(Prediction, [activations of `layers`]) from one forward pass. U-Net layer names:
-    'down_<level>', 'bottleneck', 'up_<level>'."""
+    'down_<level>', 'bottleneck', 'up_<level>'; DiT: 'block_<i>', 'bottleneck' (its middle
+    block)."""
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     output, state = self.apply_module(params, z, logsnr, cond, train=train, rngs=rngs,
                                       capture_features=True, mutable=["intermediates"])
@@ -139,6 +140,7 @@ def make_denoiser(model_config, data_shape, parameterization: str, path: str = "
   model of `path` (schedules.path_of the diffusion schedule); `schedule` (config.diffusion.schedule)
   is needed by a network that takes its DDPM timestep (time_input 'ddpm_timestep')."""
   from jdistill.models import diffusers_unet
+  from jdistill.models.dit import DiT
   from jdistill.models.mlp import MLPDenoiser
   from jdistill.models.unet import UNet
   check_choice("model.name", model_config.name, MODELS)
@@ -153,6 +155,12 @@ def make_denoiser(model_config, data_shape, parameterization: str, path: str = "
                   num_heads=model_config.num_heads, dropout=model_config.dropout,
                   num_classes=model_config.num_classes, norm_groups=model_config.norm_groups,
                   dtype=dtype)
+  elif model_config.name == "dit":
+    check_dit(model_config, *data_shape[:-1])
+    module = DiT(out_channels=out, hidden=model_config.channels, patch_size=model_config.patch_size,
+                 depth=model_config.depth, num_heads=model_config.num_heads,
+                 dropout=model_config.dropout, num_classes=model_config.num_classes,
+                 time_is_logsnr=time_input == "logsnr", dtype=dtype)
   elif model_config.name == "mlp":
     module = MLPDenoiser(out_channels=out, hidden=model_config.channels,
                          depth=model_config.num_res_blocks, num_classes=model_config.num_classes,
@@ -176,3 +184,20 @@ def make_denoiser(model_config, data_shape, parameterization: str, path: str = "
                         "('linear', 'scaled_linear') in config.diffusion.schedule")
     ddpm_logsnr = ddpm_table_logsnr(schedule)
   return Denoiser(module, parameterization, model_config.num_classes, path, time_input, ddpm_logsnr)
+
+
+def check_dit(model_config, *image_sides: int):
+  """A DiT's shape: heads split its hidden size (`channels`), a multiple of 4 (the 2-D position
+  embedding), and the patch size divides the image sides (0: not known yet)."""
+  def check(ok, field, message):
+    if not ok:
+      raise ConfigError(f"config.model.{field}: {message}")
+  hidden, heads, patch = model_config.channels, model_config.num_heads, model_config.patch_size
+  check(patch >= 1, "patch_size", f"must be >= 1, got {patch}")
+  check(model_config.depth >= 1, "depth", f"must be >= 1, got {model_config.depth}")
+  check(heads >= 1 and hidden % heads == 0, "num_heads",
+        f"{heads} heads do not split the DiT's hidden size (model.channels) {hidden}")
+  check(hidden % 4 == 0, "channels", f"the DiT's hidden size must be a multiple of 4 (its 2-D "
+        f"sin-cos position embedding), got {hidden}")
+  for side in image_sides:
+    check(side % patch == 0, "patch_size", f"{patch} does not divide the image side {side}")

@@ -116,10 +116,15 @@ def dense(features, dtype, scale=1.0, name=None):
                   bias_init=bias_init("embed_out"), name=name)
 
 
-def logsnr_embedding(logsnr, dim: int, max_period: float = 10000.0):
-  """Sinusoidal embedding of t' = arctan(exp(-logsnr / 2)) / (pi / 2) in [0, 1], scaled by 1000."""
+def logsnr_time(logsnr):
+  """1000 t' with t' = arctan(exp(-logsnr / 2)) / (pi / 2) in [0, 1]: the cosine schedule's time."""
   logsnr = jnp.clip(logsnr, LOGSNR_MIN, LOGSNR_MAX)
-  t = jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * math.pi) * 1000.0
+  return jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * math.pi) * 1000.0
+
+
+def logsnr_embedding(logsnr, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding of logsnr_time(logsnr)."""
+  t = logsnr_time(logsnr)
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   angles = t[:, None].astype(jnp.float32) * freqs[None]

@@ -1,0 +1,112 @@
+"""A diffusers DiTTransformer2DModel as a jdistill DiT: its module and its params, key by key.
+
+    module = dit_from_diffusers_config(diffusers_config)
+    params = dit_params_from_diffusers(state_dict, diffusers_config)   # numpy arrays in and out
+
+The module takes diffusers' timestep as its time (`time_is_logsnr=False`). Every missing,
+unexpected or mis-shaped key is an error naming the key; so is a block whose copy of the time or
+label embedder differs from block 0's (the DiT here has one, as DiT checkpoints do).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from jdistill.models.dit import FREQUENCY_CHANNELS, DiT
+
+DEFAULTS = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=None,
+                num_layers=28, dropout=0.0, patch_size=2, activation_fn="gelu-approximate",
+                num_embeds_ada_norm=1000, norm_type="ada_norm_zero", attention_bias=True,
+                norm_elementwise_affine=False, norm_eps=1e-5)
+SUPPORTED = dict(activation_fn="gelu-approximate", norm_type="ada_norm_zero", attention_bias=True,
+                 norm_elementwise_affine=False)
+SHARED_EMBEDDER = "transformer_blocks.{}.norm1.emb."
+
+
+def _config(diffusers_config: Mapping) -> dict:
+  c = {**DEFAULTS, **{k: v for k, v in dict(diffusers_config).items() if k in DEFAULTS}}
+  for key, value in SUPPORTED.items():
+    if c[key] != value:
+      raise ValueError(f"diffusers DiT config: {key}={c[key]!r} is not supported (only {value!r})")
+  if c["out_channels"] is None:
+    c["out_channels"] = c["in_channels"]
+  return c
+
+
+def dit_from_diffusers_config(diffusers_config: Mapping, dtype="float32") -> DiT:
+  """The DiT that `dit_params_from_diffusers(..., diffusers_config)` fills."""
+  c = _config(diffusers_config)
+  hidden = c["num_attention_heads"] * c["attention_head_dim"]
+  return DiT(out_channels=c["out_channels"], hidden=hidden,
+             patch_size=c["patch_size"], depth=c["num_layers"], num_heads=c["num_attention_heads"],
+             dropout=c["dropout"], num_classes=c["num_embeds_ada_norm"], time_is_logsnr=False,
+             norm_eps=c["norm_eps"], dtype=np.dtype(dtype))
+
+
+def _layout(c) -> dict:
+  """{diffusers key: (our param path, diffusers shape, (array -> our array))}."""
+  d, heads = c["num_attention_heads"] * c["attention_head_dim"], c["num_attention_heads"]
+  p, channels, out = c["patch_size"], c["in_channels"], c["out_channels"]
+  layout = {}
+
+  def linear(key, path, d_in, d_out):
+    layout[f"{key}.weight"] = (path + ("kernel",), (d_out, d_in), lambda w: w.T)
+    layout[f"{key}.bias"] = (path + ("bias",), (d_out,), lambda b: b)
+
+  def attention(key, path, out):
+    if out:         # (heads, head_dim, d), the heads of the input split
+      layout[f"{key}.weight"] = (path + ("kernel",), (d, d), lambda w: w.T.reshape(heads, -1, d))
+      layout[f"{key}.bias"] = (path + ("bias",), (d,), lambda b: b)
+    else:           # (d, heads, head_dim), the heads of the output split
+      layout[f"{key}.weight"] = (path + ("kernel",), (d, d), lambda w: w.T.reshape(d, heads, -1))
+      layout[f"{key}.bias"] = (path + ("bias",), (d,), lambda b: b.reshape(heads, -1))
+
+  layout["pos_embed.proj.weight"] = (("pos_embed", "kernel"), (d, channels, p, p),
+                                     lambda w: w.transpose(2, 3, 1, 0))
+  layout["pos_embed.proj.bias"] = (("pos_embed", "bias"), (d,), lambda b: b)
+  emb = SHARED_EMBEDDER.format(0)
+  linear(emb + "timestep_embedder.linear_1", ("timestep_embedder", "linear_1"), FREQUENCY_CHANNELS, d)
+  linear(emb + "timestep_embedder.linear_2", ("timestep_embedder", "linear_2"), d, d)
+  layout[emb + "class_embedder.embedding_table.weight"] = (
+      ("class_embedder", "embedding"), (c["num_embeds_ada_norm"] + 1, d), lambda e: e)
+  for i in range(c["num_layers"]):
+    key, path = f"transformer_blocks.{i}", (f"transformer_blocks_{i}",)
+    linear(f"{key}.norm1.linear", path + ("norm1_linear",), d, 6 * d)
+    for theirs, ours in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "out")):
+      attention(f"{key}.attn1.{theirs}", path + ("attn1", ours), out=ours == "out")
+    linear(f"{key}.ff.net.0.proj", path + ("ff_in",), d, 4 * d)
+    linear(f"{key}.ff.net.2", path + ("ff_out",), 4 * d, d)
+  linear("proj_out_1", ("proj_out_1",), d, 2 * d)
+  linear("proj_out_2", ("proj_out_2",), d, p * p * out)
+  return layout
+
+
+def dit_params_from_diffusers(state_dict: Mapping, diffusers_config: Mapping) -> dict:
+  """`state_dict` (diffusers key -> numpy array) as the params of dit_from_diffusers_config."""
+  c = _config(diffusers_config)
+  layout = _layout(c)
+  first = SHARED_EMBEDDER.format(0)
+  copies = {key.replace(first, SHARED_EMBEDDER.format(i), 1): key     # block i's copy: block 0's
+            for key in layout if key.startswith(first) for i in range(1, c["num_layers"])}
+  shapes = {**{key: shape for key, (_, shape, _) in layout.items()},
+            **{copy: layout[original][1] for copy, original in copies.items()}}
+  problems = [f"missing key {key!r}" for key in shapes if key not in state_dict]
+  problems += [f"unexpected key {key!r}" for key in state_dict if key not in shapes]
+  problems += [f"key {key!r} has shape {tuple(np.shape(value))}, expected {shapes[key]}"
+               for key, value in state_dict.items()
+               if key in shapes and tuple(np.shape(value)) != shapes[key]]
+  problems += [f"key {copy!r} differs from {original!r}: this DiT shares one time and label "
+               "embedder across its blocks" for copy, original in copies.items()
+               if copy in state_dict and original in state_dict
+               and np.shape(state_dict[copy]) == np.shape(state_dict[original])
+               and not np.array_equal(state_dict[copy], state_dict[original])]
+  if problems:
+    raise ValueError("diffusers DiT state dict: " + "; ".join(problems))
+  params = {}
+  for key, (path, _, convert) in layout.items():
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = np.asarray(convert(np.asarray(state_dict[key], np.float32)))
+  return params
