@@ -1,4 +1,5 @@
-"""Convert a diffusers UNet2DModel and its scheduler into an exported jdistill teacher.
+"""Convert a diffusers UNet2DModel or DiTTransformer2DModel and its scheduler into an exported
+jdistill teacher.
 
   python -m jdistill.convert --diffusers=DIR --scheduler=DIR_OR_JSON --out=runs/x/teacher.msgpack
       [--dtype=float32] [--preset=cifar10]
@@ -6,8 +7,9 @@
 DIR holds config.json and diffusion_pytorch_model.safetensors (or shards listed in
 diffusion_pytorch_model.safetensors.index.json). Every tensor maps to one param of
 jdistill/models/diffusers_unet.py (conv OIHW -> HWIO, linear (out, in) -> (in, out)); a missing,
-unexpected or mis-shaped tensor is an error naming it. The JSON next to the .msgpack holds the
-model section (model.name 'diffusers_unet', the diffusers config verbatim under model.diffusers)
+unexpected or mis-shaped tensor is an error naming it. A DiTTransformer2DModel becomes jdistill's
+own DiT (models/dit_diffusers.py). The JSON next to the .msgpack holds the model section
+(model.name 'diffusers_unet' with the diffusers config verbatim under model.diffusers, or 'dit')
 and the diffusion section read from the scheduler config: DDPMScheduler / DDIMScheduler
 ('linear' / 'scaled_linear' betas; the network takes its DDPM timestep, time_input
 'ddpm_timestep') or FlowMatchEulerDiscreteScheduler (the 'flow' schedule with its shift, velocity
@@ -31,7 +33,7 @@ from jdistill import files
 from jdistill.config import base_config
 from jdistill.diffusion.schedules import unshift_time
 from jdistill.errors import ConfigError
-from jdistill.models import diffusers_unet
+from jdistill.models import dit_diffusers, diffusers_unet
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -187,20 +189,47 @@ def example_shape(unet_config: dict):
   return (1, height, width, unet_config.get("in_channels", 3))
 
 
+def dit_model(dit_config: dict, state: dict, dtype: str):
+  """(jdistill model section, params) of a DiTTransformer2DModel: jdistill's own DiT."""
+  try:
+    model = dit_diffusers.model_fields(dit_config)
+    params = dit_diffusers.dit_params_from_diffusers(state, dit_config)
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+  return model, jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+def unet_model(unet_config: dict, state: dict, dtype: str, cast: bool):
+  """(jdistill model section, params) of a UNet2DModel: its Flax mirror, 'diffusers_unet'."""
+  module = diffusers_unet.from_config(unet_config, jnp.dtype(dtype))
+  params = convert_params(state, module, example_shape(unet_config), dtype if cast else None)
+  model = dict(name="diffusers_unet", diffusers=unet_config,
+               num_classes=unet_config.get("num_class_embeds") or 0)
+  return model, params
+
+
+ARCHITECTURES = ("UNet2DModel", "DiTTransformer2DModel")
+
+
 def convert(diffusers_dir: str, scheduler: str, out: str, dtype: str = "", preset: str = ""):
   """Writes `out` (.msgpack) and its JSON; returns the JSON's contents."""
   if not out.endswith(".msgpack"):
     raise ConversionError(f"--out={out}: must name a .msgpack file")
-  unet_config = read_config(diffusers_dir, "config.json")
+  model_config = read_config(diffusers_dir, "config.json")
+  architecture = model_config.get("_class_name", "UNet2DModel")
+  if architecture not in ARCHITECTURES:
+    raise ConversionError(f"{diffusers_dir}/config.json: _class_name={architecture!r} is not "
+                          f"supported; choose one of {ARCHITECTURES}")
   diffusion, time_input = diffusion_of_scheduler(read_config(scheduler, "scheduler_config.json"))
   state = read_state_dict(diffusers_dir)
   weight_dtype = dtype or ("bfloat16" if any(a.dtype.name == "bfloat16" for a in state.values())
                            else "float32")
-  module = diffusers_unet.from_config(unet_config, jnp.dtype(weight_dtype))
-  params = convert_params(state, module, example_shape(unet_config), dtype or None)
-  model = dict(name="diffusers_unet", diffusers=unet_config, time_input=time_input,
-               num_classes=unet_config.get("num_class_embeds") or 0, dtype=weight_dtype)
-  exported = {"model": model, "diffusion": diffusion,
+  if architecture == "UNet2DModel":
+    model, params = unet_model(model_config, state, weight_dtype, bool(dtype))
+  else:
+    model, params = dit_model(model_config, state, weight_dtype)
+  model.update(time_input=time_input, dtype=weight_dtype)
+  exported = {"model": model, "diffusion": diffusion, "converted_from": architecture,
               "data": base_config(preset).data.to_dict() if preset else {},
               "method": "teacher", "sampling": {"mode": "ddim", "steps": 50}, "train_steps": 0}
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -210,7 +239,8 @@ def convert(diffusers_dir: str, scheduler: str, out: str, dtype: str = "", prese
 
 
 def define_flags():
-  flags.DEFINE_string("diffusers", None, "A diffusers UNet2DModel folder (config.json, safetensors).")
+  flags.DEFINE_string("diffusers", None, "A diffusers UNet2DModel or DiTTransformer2DModel folder "
+                      "(config.json, safetensors).")
   flags.DEFINE_string("scheduler", None, "Its scheduler: a folder with scheduler_config.json, or the JSON.")
   flags.DEFINE_string("out", None, "The teacher's .msgpack (its .json is written next to it).")
   flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "Cast the weights (default: keep them).")
@@ -228,7 +258,7 @@ def main(argv):
                        flags.FLAGS.dtype, flags.FLAGS.preset)
   except (ConversionError, ConfigError) as e:
     raise app.UsageError(str(e)) from e
-  print(f"wrote {flags.FLAGS.out}: diffusers_unet ({exported['model']['dtype']}), "
+  print(f"wrote {flags.FLAGS.out}: {exported['model']['name']} ({exported['model']['dtype']}), "
         f"{exported['diffusion']['schedule']}, parameterization "
         f"{exported['diffusion']['parameterization']}, time_input {exported['model']['time_input']}")
 

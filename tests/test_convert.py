@@ -54,14 +54,14 @@ def torch_output(model, x_nhwc, timesteps, labels=None):
   return out.sample.numpy().transpose(0, 2, 3, 1)
 
 
-def converted_denoiser(out):
+def converted_denoiser(out, shape=SHAPE):
   """(denoiser, params, schedule, config) of a converted teacher, loaded the way a run loads it."""
   config = teachers.with_export_sections(config_lib.base_config(), teachers.read_export(out),
                                          ("model", "diffusion"))
-  denoiser = make_denoiser(config.model, SHAPE, config.diffusion.parameterization,
+  denoiser = make_denoiser(config.model, shape, config.diffusion.parameterization,
                            "flow" if config.diffusion.schedule.name == "flow" else "vp",
                            config.diffusion.schedule)
-  boxed = jax.eval_shape(lambda: denoiser.init(jax.random.key(0), jnp.zeros((1, *SHAPE))))
+  boxed = jax.eval_shape(lambda: denoiser.init(jax.random.key(0), jnp.zeros((1, *shape))))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           nn.unbox(boxed["params"]))
@@ -154,6 +154,34 @@ def test_a_distillation_config_takes_the_converted_teachers_sections(conditional
   config.model.time_input = "t1000"
   with pytest.raises(ConfigError, match="config.model.time_input"):
     config_lib.validate(config, jax.device_count())
+
+
+def test_a_converted_dit_is_jdistills_dit_and_predicts_what_pytorch_does(tmp_path):
+  """A DiTTransformer2DModel converts into jdistill's own DiT (model.name 'dit'): its eps
+  prediction through the Denoiser is PyTorch's output at the matching DDPM timesteps."""
+  from test_dit import _diffusers_dit
+  model, _ = _diffusers_dit()
+  model.save_pretrained(str(tmp_path / "dit"))
+  DDPMScheduler(num_train_timesteps=1000).save_config(str(tmp_path / "scheduler"))
+  out = str(tmp_path / "teacher.msgpack")
+  exported = convert.convert(str(tmp_path / "dit"), str(tmp_path / "scheduler"), out)
+  assert exported["converted_from"] == "DiTTransformer2DModel"
+  assert {k: exported["model"][k] for k in ("name", "channels", "num_heads", "depth", "patch_size",
+                                             "num_classes", "time_input")} == dict(
+      name="dit", channels=16, num_heads=2, depth=2, patch_size=2, num_classes=10,
+      time_input="ddpm_timestep")
+  denoiser, params, schedule, _ = converted_denoiser(out, (8, 8, 4))
+  rng = np.random.RandomState(2)
+  x = rng.randn(2 * len(TIMESTEPS), 8, 8, 4).astype(np.float32)
+  k = np.repeat(np.asarray(TIMESTEPS), 2)
+  labels = np.arange(len(x)) % 11                                # 10: the null class
+  logsnr = schedule(jnp.asarray((k + 1) / 1000.0))
+  pred = jax.jit(denoiser.predict)(params, jnp.asarray(x), logsnr, jnp.asarray(labels))
+  error = np.abs(np.asarray(pred.eps) - torch_output(model, x, k, labels)).max()
+  assert error <= 1e-4, error
+  config = config_lib.base_config("digits")
+  config.teacher.checkpoint = out
+  assert teachers.adopt_converted_teacher(config).model.name == "dit"
 
 
 @pytest.mark.parametrize("damage", ["rename", "drop", "reshape"])

@@ -34,6 +34,20 @@ def _config(diffusers_config: Mapping) -> dict:
   return c
 
 
+def model_fields(diffusers_config: Mapping) -> dict:
+  """The jdistill `config.model` fields of the DiT of `diffusers_config` (make_denoiser builds from
+  them the module dit_from_diffusers_config builds); one it cannot express is an error naming it."""
+  c = _config(diffusers_config)
+  if c["norm_eps"] != 1e-5:
+    raise ValueError(f"diffusers DiT config: norm_eps={c['norm_eps']!r} is not supported (only 1e-5)")
+  if c["out_channels"] != c["in_channels"]:
+    raise ValueError(f"diffusers DiT config: out_channels={c['out_channels']} is not supported (a "
+                     f"learned variance; only out_channels = in_channels = {c['in_channels']})")
+  return dict(name="dit", channels=c["num_attention_heads"] * c["attention_head_dim"],
+              num_heads=c["num_attention_heads"], depth=c["num_layers"],
+              patch_size=c["patch_size"], num_classes=c["num_embeds_ada_norm"], dropout=c["dropout"])
+
+
 def dit_from_diffusers_config(diffusers_config: Mapping, dtype="float32") -> DiT:
   """The DiT that `dit_params_from_diffusers(..., diffusers_config)` fills."""
   c = _config(diffusers_config)

@@ -149,15 +149,15 @@ CONVERTED_DIFFUSION = ("schedule", "parameterization", "clip_x")
 
 
 def adopt_converted_teacher(config):
-  """When config.teacher.checkpoint is a converted teacher (jdistill.convert: model.name
-  'diffusers_unet', an architecture no other config names), `config` takes its model section and
-  its diffusion schedule, parameterization and clip_x, so student and teacher are its network."""
+  """When config.teacher.checkpoint is a converted teacher (jdistill.convert: its JSON names the
+  diffusers architecture it was `converted_from`), `config` takes its model section and its
+  diffusion schedule, parameterization and clip_x, so student and teacher are its network."""
   path = config.teacher.checkpoint
   exported = read_export(path) if path.endswith(".msgpack") else None
-  if not exported or exported["model"].get("name") != "diffusers_unet":
+  if not exported or not exported.get("converted_from"):
     return config
-  logging.info("Teacher %s is a converted diffusers UNet2DModel: config.model and "
-               "config.diffusion.{%s} are its", path, ",".join(CONVERTED_DIFFUSION))
+  logging.info("Teacher %s is a converted diffusers %s: config.model and config.diffusion.{%s} "
+               "are its", path, exported["converted_from"], ",".join(CONVERTED_DIFFUSION))
   config.model.update(exported["model"])
   config.diffusion.update({k: exported["diffusion"][k] for k in CONVERTED_DIFFUSION
                            if k in exported["diffusion"]})
