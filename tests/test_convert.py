@@ -317,3 +317,39 @@ def test_a_run_builds_and_loads_the_converted_teacher(tmp_path, digits_config):
   assert (exp.denoiser.parameterization, exp.denoiser.time_input) == ("v", "ddpm_timestep")
   assert len(exp.denoiser.ddpm_logsnr) == 1000 and not config.diffusion.clip_x
   assert len(jax.tree.leaves(params)) == len(load_file(str(tmp_path / "unet" / convert.WEIGHTS)))
+
+
+def test_a_student_exports_to_diffusers_and_samples_there_as_here(tmp_path):
+  """A 4-step student of a converted DDPM teacher (its params, changed), exported by jdistill.export:
+  diffusers loads the folder, its network gives jdistill's outputs, and its DDIMScheduler loop
+  (trailing spacing, 4 steps) gives jdistill's 4-step samples."""
+  from diffusers import UNet2DModel
+  from jdistill import export
+  tiny_unet(tmp_path / "unet", seed=4)
+  out = str(tmp_path / "teacher.msgpack")
+  convert.convert(str(tmp_path / "unet"), save_scheduler(DDPMScheduler(clip_sample=True), tmp_path),
+                  out)
+  denoiser, params, schedule, config = converted_denoiser(out)
+  student = jax.tree.map(lambda p: p * 1.05, params)
+  path = str(tmp_path / "student.msgpack")
+  teachers.export(student, config, path, {"mode": "ddim", "steps": 4, "guidance": 0.0})
+  scheduler_config = export.export(path, str(tmp_path / "diffusers"))
+  assert scheduler_config["jdistill_steps"] == 4
+  model = UNet2DModel.from_pretrained(str(tmp_path / "diffusers" / "unet")).eval()
+  x = np.random.RandomState(5).randn(8, *SHAPE).astype(np.float32)
+  t = np.asarray([0, 999, 250, 500, 749, 10, 600, 999], np.float32)
+  ours = jax.jit(denoiser.apply_module)(student, jnp.asarray(x), schedule(jnp.asarray((t + 1) / 1000)),
+                                        None)
+  assert np.abs(np.asarray(ours) - torch_output(model, x, t)).max() <= 1e-4
+  scheduler = DDIMScheduler.from_pretrained(str(tmp_path / "diffusers" / "scheduler"))
+  scheduler.set_timesteps(4)
+  assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
+  noise = np.random.RandomState(6).randn(4, *SHAPE).astype(np.float32)
+  z = torch.from_numpy(noise.transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    for step in scheduler.timesteps:
+      z = scheduler.step(model(z, step).sample, step, z, eta=0.0,
+                         use_clipped_model_output=True).prev_sample
+  theirs = z.numpy().transpose(0, 2, 3, 1)
+  here = run_sampler(denoiser, student, schedule, noise, np.linspace(0.0, 1.0, 5), True)
+  assert np.abs(here - theirs).max() <= 5e-5 * max(1.0, np.abs(theirs).max())

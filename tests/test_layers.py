@@ -18,7 +18,7 @@ LAYERS = [
     ("objectives", "eval", "config"),
     ("train",),
     ("methods",),
-    ("main", "sample", "cache", "convert"),
+    ("main", "sample", "cache", "convert", "export"),
 ]
 
 
