@@ -31,6 +31,8 @@ METHODS = ("teacher", "progressive", "dmd", "multi_teacher")
 CONFIGS = {"teacher": teacher_method.get_config, "progressive": pd_method.get_config,
            "dmd": lambda preset: dm_method.get_config(preset, "dmd2"),
            "multi_teacher": mt_method.get_config}
+for _name in ("reflow", "meanflow", "consistency"):       # refused controls are checked for these too
+  CONFIGS[_name] = methods.get(_name).get_config
 
 
 def tiny_config(name):
@@ -149,8 +151,16 @@ def test_curriculum_reaches_the_teacher(tmp_path):
     ("multi_teacher", "features.weight_start", 1.0, "progressive"),
     ("dmd", "curriculum.sampler", "adaptive", "progressive, teacher"),
     ("multi_teacher", "curriculum.sampler", "adaptive", "progressive, teacher"),
-    ("progressive", "diffusion.guidance", 2.0, "dmd, teacher"),
-    ("multi_teacher", "diffusion.guidance", 2.0, "dmd, teacher"),
+    ("progressive", "diffusion.guidance", 2.0, "dmd, reflow, teacher"),
+    ("multi_teacher", "diffusion.guidance", 2.0, "dmd, reflow, teacher"),
+    ("meanflow", "diffusion.guidance", 2.0, "dmd, reflow, teacher"),
+    ("consistency", "diffusion.guidance", 2.0, "dmd, reflow, teacher"),
+    ("progressive", "diffusion.time_sampling", "logit_normal", "teacher"),
+    ("dmd", "diffusion.time_sampling", "logit_normal", "teacher"),
+    ("reflow", "lora.rank", 2, "dmd, multi_teacher, progressive, teacher"),
+    ("meanflow", "lora.rank", 2, "dmd, multi_teacher, progressive, teacher"),
+    ("consistency", "curriculum.sampler", "adaptive", "progressive, teacher"),
+    ("reflow", "features.weight_start", 1.0, "progressive"),
 ])
 def test_a_control_a_method_does_not_support_is_refused(name, field, value, supporters):
   config = tiny_config(name)

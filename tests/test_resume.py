@@ -74,9 +74,9 @@ def test_checkpoints_carry_the_model_card_and_a_teacher_of_another_parameterizat
     teacher_run):
   config, workdir = teacher_run
   meta = ckpt_lib.read_meta(f"{workdir}/checkpoints")
-  assert meta["model_card"] == {"diffusion.parameterization": "v",
+  assert meta["model_card"] == {"diffusion.path": "vp", "diffusion.parameterization": "v",
                                 "diffusion.schedule": {"name": "cosine"},
-                                "model.num_classes": 0}
+                                "model.num_classes": 0, "model.time_input": "logsnr"}
   student = config.copy_and_resolve_references()
   exp = setup.build(student, workdir + "_check", evaluator=False, record_config=False)
   abstract = exp.abstract_params()
