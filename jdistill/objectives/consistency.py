@@ -134,13 +134,9 @@ class SCDObjective(state_lib.OneNetworkObjective):
 
   def train_step(self, state, batch, rng, frozen, stage):
     warmup = jnp.minimum(1.0, state.step.astype(jnp.float32) / max(self.warmup_steps, 1))
-    (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        state.params, frozen.teacher, batch, rng, warmup)
-    new_state, metrics = state_lib.optimizer_update(state, grads, self.optimizer, self.optim,
-                                                    self.num_steps)
-    new_state, guard = state_lib.keep_if_finite(
-        new_state, state, loss, (metrics["grad_norm"], aux["tangent_norm_max"], new_state.params))
-    return new_state, {"loss": loss, **aux, **metrics, **guard}
+    return state_lib.descend(state, self.loss, (frozen.teacher, batch, rng, warmup),
+                             self.optimizer, self.optim, self.num_steps,
+                             checked=("tangent_norm_max",))
 
   def eval_params(self, state, frozen=None):
     return state.ema_params["net"]
@@ -219,20 +215,15 @@ class CDObjective(state_lib.OneNetworkObjective):
     z_hi, z_lo, hi, lo = self.pair(teacher, x, jax.random.normal(rng_noise, x.shape, x.dtype), n,
                                    label)
     f_target = jax.lax.stop_gradient(self.f(target, z_lo, lo, label))
-    return jnp.mean((self.f(params, z_hi, hi, label) - f_target) ** 2)
+    return jnp.mean((self.f(params, z_hi, hi, label) - f_target) ** 2), {}
 
   def train_step(self, state, batch, rng, frozen, stage):
-    student = state.student
-    loss, grads = jax.value_and_grad(self.loss)(student.params, state.target, frozen.teacher,
-                                                batch, rng)
-    new_student, metrics = state_lib.optimizer_update(student, grads, self.optimizer, self.optim,
-                                                      self.num_steps)
-    new_student, guard = state_lib.keep_if_finite(new_student, student, loss,
-                                                  (metrics["grad_norm"], new_student.params))
+    new_student, metrics = state_lib.descend(state.student, self.loss,
+                                             (state.target, frozen.teacher, batch, rng),
+                                             self.optimizer, self.optim, self.num_steps)
     mu = self.target_decay
     target = jax.tree.map(lambda t, p: mu * t + (1.0 - mu) * p, state.target, new_student.params)
-    return (CDState(step=state.step + 1, student=new_student, target=target),
-            {"loss": loss, **metrics, **guard})
+    return CDState(step=state.step + 1, student=new_student, target=target), metrics
 
   def eval_params(self, state, frozen=None):
     return state.student.ema_params

@@ -112,13 +112,8 @@ class MeanFlowObjective(state_lib.OneNetworkObjective):
         "weight_max": jnp.max(weight)}
 
   def train_step(self, state, batch, rng, frozen, stage):
-    (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, frozen.teacher,
-                                                                     batch, rng)
-    new_state, metrics = state_lib.optimizer_update(state, grads, self.optimizer, self.optim,
-                                                    self.num_steps)
-    new_state, guard = state_lib.keep_if_finite(
-        new_state, state, loss, (metrics["grad_norm"], aux["tangent_norm_max"], new_state.params))
-    return new_state, {"loss": loss, **aux, **metrics, **guard}
+    return state_lib.descend(state, self.loss, (frozen.teacher, batch, rng), self.optimizer,
+                             self.optim, self.num_steps, checked=("tangent_norm_max",))
 
   def eval_params(self, state, frozen=None):
     return state.ema_params

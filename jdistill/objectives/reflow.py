@@ -58,16 +58,11 @@ class ReflowObjective(state_lib.OneNetworkObjective):
     x_hat = self.denoiser.predict(params, z_t, logsnr, label).x0
     per_example = jnp.where(stage.distill, per_example_mse(x_hat, x),
                             weighted_x_loss(x_hat, x, logsnr, self.weighting, self.min_snr_gamma))
-    return jnp.mean(per_example)
+    return jnp.mean(per_example), {}
 
   def train_step(self, state, batch, rng, frozen, stage):
-    loss, grads = jax.value_and_grad(self.loss)(state.params, frozen.couplings,
-                                                batch["x"].shape[0], stage, rng)
-    new_state, metrics = state_lib.optimizer_update(state, grads, self.optimizer, self.optim,
-                                                    stage.num_steps)
-    new_state, guard = state_lib.keep_if_finite(new_state, state, loss,
-                                                (metrics["grad_norm"], new_state.params))
-    return new_state, {"loss": loss, **metrics, **guard}
+    return state_lib.descend(state, self.loss, (frozen.couplings, batch["x"].shape[0], stage, rng),
+                             self.optimizer, self.optim, stage.num_steps)
 
   def eval_params(self, state, frozen=None):
     return state.ema_params

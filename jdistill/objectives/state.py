@@ -143,6 +143,17 @@ def optimizer_update(state: TrainState, grads, optimizer, optim, total_steps, st
   return new_state, {"grad_norm": global_norm(grads), "lr": lr}
 
 
+def descend(state: TrainState, loss_fn, args, optimizer, optim, total_steps, checked=()):
+  """One gradient step of one network: (loss, aux) = loss_fn(state.params, *args), its gradient,
+  the one update (`optimizer_update`) and the guard (`keep_if_finite` over the gradient norm, the
+  new params and the `checked` keys of aux). Returns (state, {loss, **aux, grad_norm, lr, guard})."""
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
+  new_state, metrics = optimizer_update(state, grads, optimizer, optim, total_steps)
+  new_state, guard = keep_if_finite(new_state, state, loss, (metrics["grad_norm"], new_state.params,
+                                                             *(aux[key] for key in checked)))
+  return new_state, {"loss": loss, **aux, **metrics, **guard}
+
+
 def keep_if_finite(new_state, old_state, loss, update=()):
   """`new_state` if `loss` and `update` are finite, else `old_state` (with the step count still
   advanced, so the data and RNG stay aligned with an unbroken run): a NaN or Inf never reaches the
