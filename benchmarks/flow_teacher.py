@@ -36,7 +36,7 @@ def evaluate(preset, checkpoint, shift, steps, samples, workdir):
 def main():
   from jdistill.train import teachers
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--vp", default=teachers.BUNDLED_DIGITS_TEACHER)
+  parser.add_argument("--vp", default=teachers.BUNDLED_DIGITS_TEACHER, help="'' to skip it")
   parser.add_argument("--flow", default=teachers.BUNDLED_DIGITS_FLOW_TEACHER)
   parser.add_argument("--shifts", default="1,2,3")
   parser.add_argument("--steps", default="64,16,4,2,1")
@@ -46,7 +46,7 @@ def main():
   steps = common.parse_list(args.steps, int)
   rows = []
   with tempfile.TemporaryDirectory() as workdir:
-    runs = [("VP (cosine)", "digits", args.vp, None)] + [
+    runs = [("VP (cosine)", "digits", args.vp, None)] * bool(args.vp) + [
         (f"flow, shift {s:g}", "digits_flow", args.flow, s)
         for s in common.parse_list(args.shifts, float)]
     for name, preset, checkpoint, shift in runs:
