@@ -4,6 +4,7 @@ result.json), a corrupt or missing cache record stops training naming the file."
 import json
 import os
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -91,8 +92,9 @@ def test_target_is_the_hand_computed_weighted_average(teacher_cache):
   np.testing.assert_allclose(weights, [0.75, 0.25])
   caches = multi_teacher.open_caches(config, workdir, ids)
   batch = next(pipeline.make_iterator(cache_lib.training_dataset(caches, 8, seed=0)))
+  vp_denoiser = types.SimpleNamespace(path="vp")            # targets read only its path
   objective = mt_objective.MultiTeacherObjective(
-      None, make_schedule(config.diffusion.schedule), None, None, 1, (8, 8, 1), ids)
+      vp_denoiser, make_schedule(config.diffusion.schedule), None, None, 1, (8, 8, 1), ids)
   _, _, _, x_target = objective.targets(jax.tree.map(jnp.asarray, batch), jnp.asarray(weights))
 
   # by hand, in float64: cosine logSNR, z_t = alpha x + sigma eps, x_k = alpha z_t - sigma v_k

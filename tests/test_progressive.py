@@ -119,7 +119,7 @@ def _exact_sampler(sched):
   class Exact:
     num_classes = 0
 
-    def predict(self, params, z, logsnr, label, steps=None):
+    def predict(self, params, z, logsnr, label, steps=None, interval=None):
       return exact_gaussian_denoiser(z, logsnr)
   return Sampler(Exact(), sched, (3,), clip_x=False, batch_size=8)
 
