@@ -128,6 +128,15 @@ def fd_table(exp, params, steps_list, *, mode: str = "ddim", last_eval=None, nam
   return rows
 
 
+def teacher_rows(exp, teacher, steps_list, guidance: float = 0.0) -> list:
+  """("teacher", row) of the teacher at its own step count (config.teacher.sampling_steps), then
+  at each of `steps_list` (the student's), for a summary table next to the student's rows."""
+  own = exp.config.teacher.sampling_steps
+  steps = [own, *(n for n in steps_list if n != own)]
+  return [("teacher", row) for row in fd_table(exp, teacher, steps, name="teacher_",
+                                               guidance=guidance)]
+
+
 def reused_evaluation(exp, last_eval, n):
   """The metrics of `last_eval`'s n-step evaluation when an end-of-run table may reuse it (the
   same sample count, and FD (teacher) in it when a teacher is set), else None."""

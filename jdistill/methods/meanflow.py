@@ -81,9 +81,7 @@ def train(config, workdir: str):
       frozen=MeanFlowFrozen(teacher=teacher), initial_state=lambda: make_state(teacher))
   student = objective.eval_params(trained.state)
   common.export(student, config, os.path.join(workdir, EXPORT), MODE, eval_steps[0])
-  teacher_steps = [config.teacher.sampling_steps, *(n for n in eval_steps
-                                                     if n != config.teacher.sampling_steps)]
-  rows = [("teacher", row) for row in common.fd_table(exp, teacher, teacher_steps, name="teacher_")]
+  rows = common.teacher_rows(exp, teacher, eval_steps)
   rows += [("MeanFlow", row) for row in common.fd_table(exp, student, eval_steps, mode=MODE,
                                                         last_eval=trained.last_eval,
                                                         name="student_")]

@@ -99,10 +99,7 @@ def train(config, workdir: str):
     common.export(source, config, os.path.join(directory, EXPORT), "ddim", eval_steps[0])
     exported[name] = (source, eval_steps, trained.last_eval)
   common.export(source, config, os.path.join(workdir, EXPORT), "ddim", plan[-1][2][0])
-  teacher_steps = [config.teacher.sampling_steps, *(n for n in r.eval_steps
-                                                     if n != config.teacher.sampling_steps)]
-  rows = [("teacher", row) for row in common.fd_table(exp, teacher, teacher_steps,
-                                                      name="teacher_", guidance=guidance)]
+  rows = common.teacher_rows(exp, teacher, r.eval_steps, guidance)
   for name, (params, eval_steps, last_eval) in exported.items():
     label = {"reflow": "2-rectified flow", "distill": "2-rectified flow, distilled"}[name]
     rows += [(label, row) for row in common.fd_table(exp, params, eval_steps, last_eval=last_eval,
