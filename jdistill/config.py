@@ -146,6 +146,12 @@ def check(ok, field, message):
     raise ConfigError(f"config.{field}: {message}")
 
 
+def check_step_counts(field, steps):
+  """Raises ConfigError naming `config.<field>` unless `steps` are sampling step counts >= 1."""
+  check(len(steps) > 0 and all(isinstance(n, int) and n >= 1 for n in steps), field,
+        f"must be sampling step counts >= 1, at least one, got {tuple(steps)}")
+
+
 def validate(config, num_devices: int):
   """Checks the shared sections; fails fast, naming the field, before any compute (a method's own
   section: jdistill.methods.validate)."""
@@ -215,9 +221,7 @@ def validate(config, num_devices: int):
   check(config.eval.num_samples >= 2, "eval.num_samples", "must be >= 2 (FD needs a covariance)")
   check(config.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
   for field in ("steps_during_training", "final_steps"):
-    steps = config.eval[field]
-    check(len(steps) > 0 and all(isinstance(n, int) and n >= 1 for n in steps), f"eval.{field}",
-          f"must be sampling step counts >= 1, at least one, got {tuple(steps)}")
+    check_step_counts(f"eval.{field}", config.eval[field])
   check(config.teacher.sampling_steps >= 1, "teacher.sampling_steps",
         f"must be >= 1, got {config.teacher.sampling_steps}")
   final_count = config.eval.get("final_num_samples", 0)

@@ -47,8 +47,7 @@ def validate(config):
   check(0.0 <= m.equal_share <= 1.0, "meanflow.equal_share", f"must be in [0, 1], got {m.equal_share}")
   check(m.weight_c > 0, "meanflow.weight_c", f"must be > 0, got {m.weight_c}")
   check(m.weight_p >= 0, "meanflow.weight_p", f"must be >= 0, got {m.weight_p}")
-  check(len(m.eval_steps) > 0 and all(isinstance(n, int) and n >= 1 for n in m.eval_steps),
-        "meanflow.eval_steps", f"must be sampling step counts >= 1, got {tuple(m.eval_steps)}")
+  config_lib.check_step_counts("meanflow.eval_steps", m.eval_steps)
 
 
 def sampling_mode(config) -> str:

@@ -48,8 +48,7 @@ def validate(config):
   check(r.coupling_steps >= 1, "reflow.coupling_steps", f"must be >= 1, got {r.coupling_steps}")
   check(r.reflow_steps >= 1, "reflow.reflow_steps", f"must be >= 1, got {r.reflow_steps}")
   check(r.distill_steps >= 0, "reflow.distill_steps", f"must be >= 0, got {r.distill_steps}")
-  check(len(r.eval_steps) > 0 and all(isinstance(n, int) and n >= 1 for n in r.eval_steps),
-        "reflow.eval_steps", f"must be sampling step counts >= 1, got {tuple(r.eval_steps)}")
+  config_lib.check_step_counts("reflow.eval_steps", r.eval_steps)
 
 
 def sampling_mode(config) -> str:
