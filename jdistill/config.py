@@ -21,12 +21,25 @@ from jdistill.objectives.state import LR_SCHEDULES, OPTIMIZERS
 PRESETS = ("digits", "toy2d", "mnist", "cifar10", "imagenet64")
 FLOW = "_flow"      # `<preset>_flow`: the preset on the rectified-flow path (e.g. `digits_flow`)
 DIT = "_dit"        # `<preset>_dit`: the preset with a DiT for its network (`digits_dit_flow`)
+COND = "_cond"      # `<preset>_cond`: class-conditional, labels dropped to the null class for CFG
+SUFFIXES = (FLOW, COND, DIT)    # in this order from the end: `digits_dit_cond_flow`
+NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "imagenet64": 1000}
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
 def data_preset(preset: str) -> str:
-  """The preset without its `_dit` and `_flow` suffixes (what sizes data, model and budget)."""
-  return preset.removesuffix(FLOW).removesuffix(DIT)
+  """The preset without its `_dit`, `_cond` and `_flow` suffixes (what sizes data, model and
+  budget)."""
+  return preset_parts(preset)[0]
+
+
+def preset_parts(preset: str):
+  """(the data preset, the set of its SUFFIXES)."""
+  found = set()
+  for suffix in SUFFIXES:
+    if preset.endswith(suffix):
+      preset, found = preset.removesuffix(suffix), found | {suffix}
+  return preset, found
 DATA_SOURCES = ("digits", "toy2d", "tfds", "image_folder")
 FEATURE_NETS = ("digits", "raw", "inception")
 
@@ -34,11 +47,12 @@ FEATURE_NETS = ("digits", "raw", "inception")
 def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
   """The shared sections of `preset` (one of PRESETS, or one with the `_flow` suffix)."""
   full_preset = preset or "digits"
-  preset = data_preset(full_preset)
+  preset, suffixes = preset_parts(full_preset)
   if preset not in PRESETS:
     raise ConfigError(f"config preset: unknown {full_preset!r}; choose one of {PRESETS}, each "
                       f"also as `<preset>{FLOW}` (rectified flow), the image ones as "
-                      f"`<preset>{DIT}` (a DiT) and `<preset>{DIT}{FLOW}`")
+                      f"`<preset>{DIT}` (a DiT) and `<preset>{COND}` (class-conditional), in the "
+                      f"order `<preset>{DIT}{COND}{FLOW}`")
   c = ml_collections.ConfigDict()
   c.method = "teacher"
   c.preset = full_preset
@@ -116,14 +130,18 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
     c.train.update(num_steps=800_000 if preset != "mnist" else 100_000, log_every=1000,
                    eval_every=50_000, save_every=10_000)
     c.eval.update(features="inception" if preset != "mnist" else "raw", num_samples=50_000)
-  if full_preset.removesuffix(FLOW).endswith(DIT):       # a DiT of about the U-Net's size
+  if DIT in suffixes:       # a DiT of about the U-Net's size
     if preset == "toy2d":
       raise ConfigError(f"config preset: {full_preset!r}: a DiT patchifies images; toy2d's data "
                         "are 2-D points")
     c.model.update(name="dit", channels=128, num_heads=4, depth=7, patch_size=2)
     if preset != "digits":           # DiT-S/2
       c.model.update(channels=384, num_heads=6, depth=12)
-  if full_preset.endswith(FLOW):        # a rectified-flow model: its velocity, its MSE
+  if COND in suffixes:      # label_dropout (0.1) trains the null class that CFG guides with
+    if preset == "toy2d":
+      raise ConfigError(f"config preset: {full_preset!r}: toy2d's data have no classes")
+    c.model.num_classes = NUM_CLASSES[preset]
+  if FLOW in suffixes:      # a rectified-flow model: its velocity, its MSE
     c.diffusion.schedule.name = "flow"
     c.diffusion.loss_weighting = "flow_v_mse"
   return c
