@@ -44,7 +44,8 @@ flags.DEFINE_enum("mode", None, ["ddim", "euler", "ancestral", "renoise", "flowm
                   "map's steps (flowmap: MeanFlow); re-noising for DMD2 generators and "
                   "consistency models. Default: the "
                   "exported model's, else the method's.")
-flags.DEFINE_float("guidance", None, "Classifier-free guidance weight. Default: the exported "
+flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w: told to a guided student "
+                   "(one pass per step), two-pass CFG for a class-conditional teacher. Default: the exported "
                    "model's; else config.diffusion.guidance for a teacher run, 0 for distilled "
                    "students (they learned unguided targets or the guided distribution itself).",
                    lower_bound=0.0)
@@ -66,7 +67,8 @@ def default_checkpoint(workdir: str, config) -> str:
     return export
   stages = epath.Path(workdir) / "stages"
   if stages.is_dir():
-    done = sorted((p for p in stages.iterdir() if (p / "checkpoints").is_dir()),
+    done = sorted((p for p in stages.iterdir()
+                   if (p / "checkpoints").is_dir() and p.name.split("_")[0].isdigit()),
                   key=lambda p: int(p.name.split("_")[0]))
     if done:
       return str(done[-1] / "checkpoints")
@@ -80,15 +82,31 @@ def config_of_export(exported: dict):
   return config
 
 
-def load_params(exp, checkpoint: str, flow_map: bool = False):
-  """The params to sample; `flow_map`: a flow map's (its interval embedding too)."""
-  abstract = exp.abstract_params(flow_map)
+def load_params(exp, checkpoint: str, flow_map: bool = False, guided: bool = False):
+  """The params to sample; `flow_map`: a flow map's (its interval embedding too); `guided`: a
+  guidance-conditioned student's (its guidance embedding too)."""
+  abstract = exp.abstract_params(flow_map, guided)
   if checkpoint.endswith(".msgpack"):
     return teachers.load_exported(checkpoint, abstract)
   if (epath.Path(checkpoint) / "checkpoints").is_dir():
     checkpoint = os.path.join(checkpoint, "checkpoints")
   return ckpt_lib.restore_params(checkpoint, abstract,
                                  key=methods.get(exp.config.method).PARAMS_KEY)
+
+
+def check_guidance(guidance: float, config, sampling: dict) -> bool:
+  """Whether the model is a guidance-conditioned student (told w, one pass). A w != 0 for a model
+  trained for neither that nor two-pass CFG (a class-conditional teacher with label dropout) is a
+  UsageError."""
+  guided = bool(sampling.get("guided")) or config.method == "guided"
+  cfg_teacher = (config.method == "teacher" and config.model.num_classes > 0
+                 and config.diffusion.label_dropout > 0)
+  if guidance and not (guided or cfg_teacher):
+    raise app.UsageError(
+        f"--guidance={guidance:g}: this {config.method} model was trained for neither one-pass "
+        "guidance (a guided student: configs/guided.py) nor classifier-free guidance (a class-"
+        "conditional teacher trained with label dropout); sample it with --guidance=0")
+  return guided
 
 
 def main(argv):
@@ -118,16 +136,15 @@ def main(argv):
   guidance = FLAGS.guidance
   if guidance is None:
     guidance = sampling.get("guidance", config.diffusion.guidance if config.method == "teacher" else 0.0)
+  guided = check_guidance(guidance, config, sampling)
   workdir = FLAGS.workdir or os.path.dirname(os.path.abspath(checkpoint))
   exp = setup.build(config, workdir, evaluator=FLAGS.fd, record_config=False)
   logging.info("Sampling %d x %d steps (%s, %s grid) from %s", FLAGS.num_samples, num_steps, mode,
                "uniform" if grid is None else "the exported", checkpoint)
-  params = load_params(exp, checkpoint, flow_map=mode == "flowmap")
+  params = load_params(exp, checkpoint, flow_map=mode == "flowmap", guided=guided)
 
   def draw(seed):
-    labels = None
-    if exp.denoiser.num_classes:
-      labels = np.random.RandomState(seed).randint(0, exp.denoiser.num_classes, FLAGS.num_samples)
+    labels = exp.sampler.labels(FLAGS.num_samples, seed)
     return exp.sampler.sample(params, num_steps, FLAGS.num_samples, seed, labels=labels,
                               mode=mode, grid=grid, guidance=guidance), labels
 

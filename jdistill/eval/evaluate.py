@@ -31,14 +31,20 @@ class Sampler:
   def _sample_batch(self, params, noise, label, num_steps, mode, rng, grid, guidance):
     # step-conditioned generators (TDM-unify) are told the step count; other params ignore it
     # flow maps ('flowmap' mode) are told each step's flow-time interval h = tau_t - tau_s
+    # guidance-conditioned students are told w; other models are guided with two passes
     def predict(z, logsnr, logsnr_end=None):
       steps = jnp.full((z.shape[0],), num_steps, jnp.int32)
-      if guidance:
-        return self.denoiser.predict_guided(params, z, logsnr, label, guidance, steps)
       interval = None if logsnr_end is None else flow_time(logsnr) - flow_time(logsnr_end)
-      return self.denoiser.predict(params, z, logsnr, label, steps=steps, interval=interval)
+      return self.denoiser.predict_with_guidance(params, z, logsnr, label, guidance, steps=steps,
+                                                 interval=interval)
     return sampling.sample(predict, self.schedule, noise, num_steps, clip_x=self.clip_x,
                            rng=rng if mode in sampling.STOCHASTIC else None, mode=mode, grid=grid)
+
+  def labels(self, num_samples: int, seed: int = 0) -> Optional[np.ndarray]:
+    """The class labels `sample` draws for `seed` (uniform; None for an unconditional model)."""
+    if not self.denoiser.num_classes:
+      return None
+    return np.random.RandomState(seed).randint(0, self.denoiser.num_classes, num_samples)
 
   def sample(self, params, num_steps: int, num_samples: int, seed: int = 0,
              labels: Optional[np.ndarray] = None, mode: str = "ddim", timed: bool = False,
@@ -47,16 +53,17 @@ class Sampler:
     `mode`: 'ddim', 'ancestral' (DDPM), 'renoise' (few-step generators) or 'flowmap'. `timed`: (samples,
     ms per sample over the full batches after the first, which may compile; None without one).
     `grid`: the N + 1 sampling time points 0 = t_0 < ... < t_N = 1 (default uniform); a uniform
-    one samples exactly as without it. `guidance`: the classifier-free guidance weight w, for a
-    model that learned an unconditional branch (a teacher); distilled students take none."""
+    one samples exactly as without it. `guidance`: the classifier-free guidance weight w: told to a
+    guidance-conditioned student (one pass), else two-pass CFG of a model that learned an
+    unconditional branch (a conditional teacher)."""
     if grid is not None:
       grid = sampling.padded_grid(grid, num_steps)
       uniform = np.float32(np.arange(num_steps + 1) / num_steps)
       grid = None if np.array_equal(grid[:num_steps + 1], uniform) else jnp.asarray(grid)
     rng = jax.random.key(seed)
     noise = np.asarray(jax.random.normal(rng, (num_samples, *self.data_shape)))
-    if labels is None and self.denoiser.num_classes:
-      labels = np.random.RandomState(seed).randint(0, self.denoiser.num_classes, num_samples)
+    if labels is None:
+      labels = self.labels(num_samples, seed)
     out, seconds, timed_count = [], 0.0, 0
     for start in range(0, num_samples, self.batch_size):
       chunk = slice(start, start + self.batch_size)
@@ -101,6 +108,7 @@ class FDEvaluator:
     self.sampler, self.num_samples, self.seed = sampler, num_samples, seed
     self.final_num_samples = final_num_samples or num_samples     # the end-of-run tables
     self.features = features_lib.feature_fn(feature_name, inception_weights)
+    self.classify = features_lib.classifier_fn(feature_name) if sampler.denoiser.num_classes else None
     self.reference = pipeline.all_examples(reference_source)["x"]
     self.reference_features = self.features(self.reference)
     self.reference_stats = frechet.gaussian_stats(self.reference_features)
@@ -192,14 +200,17 @@ class FDEvaluator:
 
   def evaluate(self, params, num_steps: int, mode: str = "ddim", final: bool = False, grid=None,
                guidance: float = 0.0):
-    """(`fd_of`'s metrics [+ 'ms_per_sample'], samples) for `num_steps`-step sampling (on `grid`,
-    default uniform);
+    """(`fd_of`'s metrics [+ 'ms_per_sample'] [+ 'accuracy': conditional samples' class accuracy by
+    the digits classifier], samples) for `num_steps`-step sampling (on `grid`, default uniform);
     `final`: with `final_num_samples` (the end-of-run tables, which also get the sampling speed),
     else `num_samples` (evaluations during training)."""
     count = self.final_num_samples if final else self.num_samples
-    samples, ms = self.sampler.sample(params, num_steps, count, self.seed, mode=mode, timed=True,
-                                      grid=grid, guidance=guidance)
+    labels = self.sampler.labels(count, self.seed)
+    samples, ms = self.sampler.sample(params, num_steps, count, self.seed, labels=labels,
+                                      mode=mode, timed=True, grid=grid, guidance=guidance)
     result = self.fd_of(samples)
+    if self.classify is not None:     # conditional samples: the share the classifier calls their label
+      result["accuracy"] = float(np.mean(self.classify(samples) == labels))
     if final and ms is not None:       # the end-of-run tables' speed, from these very batches
       result["ms_per_sample"] = ms
     return result, samples

@@ -73,7 +73,8 @@ def train_digits_classifier(steps: int = 3000, batch_size: int = 128, seed: int 
 
 
 @functools.lru_cache(maxsize=None)
-def load_digits_classifier(path: str = DIGITS_CLASSIFIER):
+def load_digits_classifier(path: str = DIGITS_CLASSIFIER, logits: bool = False):
+  """images -> the classifier's 64 features (FD's space), or its 10 class logits."""
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"digits feature net weights not found at {path}; rebuild them with "
@@ -81,8 +82,18 @@ def load_digits_classifier(path: str = DIGITS_CLASSIFIER):
   template = DigitsClassifier().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
   with open(path, "rb") as f:
     params = serialization.from_bytes(template, f.read())
-  apply = jax.jit(lambda p, x: DigitsClassifier().apply({"params": p}, x, return_features=True))
+  apply = jax.jit(lambda p, x: DigitsClassifier().apply({"params": p}, x,
+                                                          return_features=not logits))
   return lambda images: np.asarray(apply(params, jnp.asarray(images, jnp.float32)))
+
+
+def classifier_fn(name: str):
+  """images -> predicted classes by the feature net, where it is a classifier ('digits'; for the
+  class accuracy of conditional samples), else None."""
+  if name != "digits":
+    return None
+  logits = load_digits_classifier(logits=True)
+  return lambda images: np.argmax(logits(images), axis=-1)
 
 
 def feature_fn(name: str, inception_weights: str = ""):

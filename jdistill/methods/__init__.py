@@ -9,8 +9,8 @@ from jdistill import config as config_lib
 from jdistill import lock, resume
 from jdistill.errors import ConfigError
 from jdistill.train import teachers
-from jdistill.methods import (common, consistency, distribution_matching, meanflow, multi_teacher,
-                              progressive, reflow, teacher)
+from jdistill.methods import (common, consistency, distribution_matching, guided, meanflow,
+                              multi_teacher, progressive, reflow, teacher)
 
 METHODS = {
     "teacher": teacher,
@@ -20,6 +20,7 @@ METHODS = {
     "reflow": reflow,
     "meanflow": meanflow,
     "consistency": consistency,
+    "guided": guided,
 }
 
 

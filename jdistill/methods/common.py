@@ -14,6 +14,7 @@ from absl import logging
 
 from jdistill import files
 from jdistill.eval import evaluate as eval_lib
+from jdistill.models.denoiser import is_guidance_conditioned
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, teachers
 
@@ -198,9 +199,11 @@ def write_summary(workdir: str, title: str, intro, header, rows, footer=()):
 
 def export(params, config, path: str, mode: str, steps: int, grid=None, guidance: float = 0.0):
   """The exported model of a run: `path` (.msgpack) and its JSON, which `jdistill.sample
-  --checkpoint=PATH` reads to rebuild and sample it (`mode`, `steps`, its `guidance`, and its
-  time `grid` where given) without a run directory."""
+  --checkpoint=PATH` reads to rebuild and sample it (`mode`, `steps`, its `guidance`, whether it
+  is guidance-conditioned, and its time `grid` where given) without a run directory."""
   sampling = {"mode": mode, "steps": int(steps), "guidance": float(guidance)}
+  if is_guidance_conditioned(params):     # a student told its w (jdistill.sample --guidance)
+    sampling["guided"] = True
   if grid is not None:
     sampling["grid"] = [float(t) for t in grid]
   teachers.export(params, config, path, sampling)

@@ -168,18 +168,36 @@ def stage_train_steps(config, num_stages: int, train_size: int):
 def train(config, workdir: str):
   run_start = time.time()
   exp = setup.build(config, workdir)
-  p = config.progressive
   original_teacher = teachers.load_teacher(exp)
   steps = step_schedule(config, config.teacher.sampling_steps)
   exp.evaluator.set_teacher(original_teacher, steps[0])
+  teacher_result = exp.evaluator.evaluate(original_teacher, steps[0], final=True)[0]
+  teacher_fd = teacher_result["fd"]
+  teacher_ms = exp.evaluator.speed(teacher_result, original_teacher, steps[0])
+  logging.info("Original teacher: %d DDIM steps, FD %.4g, %.3f ms/sample", steps[0], teacher_fd, teacher_ms)
+  rows = [dict(stage="teacher", steps=steps[0], student_fd=teacher_fd, ddim_fd=teacher_fd,
+               ms_per_sample=teacher_ms, speedup=1.0, **other_metrics(teacher_result))]
+  row = lambda directory, k, n, student, last_eval, grid: stage_row(
+      exp, directory, k, n, student, original_teacher, teacher_ms, last_eval, grid)
+  students = run_stages(exp, make_objective(exp), steps, original_teacher, row, rows.append)
+  write_summary(workdir, rows, time.time() - run_start, steps, exp)
+  return students[steps[-1]]
+
+
+def run_stages(exp, objective, steps, original_teacher, stage_row, on_row, guidance: float = 0.0):
+  """The stage loop of schedule `steps` from `original_teacher` (the stage-1 student of guided
+  distillation): each stage trains its student through the one compiled step, keeps its best
+  checkpoint, exports it, and passes `stage_row(directory, k, n_student, student, last_eval,
+  grid)` to `on_row`. `guidance`: the w that evaluations tell a guidance-conditioned student.
+  Returns {N: the N-step student} of the stages run."""
+  config, workdir, p = exp.config, exp.workdir, exp.config.progressive
   num_stages = len(steps) - 1
   grids = nested_grids(steps)
   train_steps = stage_train_steps(config, num_stages, len(exp.train_source.records))
   logging.info("Progressive schedule %s (%s), train steps per stage %s",
                " -> ".join(map(str, steps)), "two-step" if p.two_step else "direct", train_steps)
-
-  objective = make_objective(exp)
-  param_shardings = exp.param_shardings()
+  guided = bool(objective.guidance_range)
+  param_shardings = exp.param_shardings(guided)
   frozen_shardings = ProgressiveFrozen(
       teacher=param_shardings, student_base=param_shardings if objective.lora is not None else None)
   compiled = loop.compile_step(objective, exp.mesh, frozen_shardings=frozen_shardings)
@@ -188,17 +206,11 @@ def train(config, workdir: str):
                       if p.validation_examples else None)
   validation_loss = jax.jit(objective.validation_loss)
 
-  teacher_result = exp.evaluator.evaluate(original_teacher, steps[0], final=True)[0]
-  teacher_fd = teacher_result["fd"]
-  teacher_ms = exp.evaluator.speed(teacher_result, original_teacher, steps[0])
-  logging.info("Original teacher: %d DDIM steps, FD %.4g, %.3f ms/sample", steps[0], teacher_fd, teacher_ms)
-  rows = [dict(stage="teacher", steps=steps[0], student_fd=teacher_fd, ddim_fd=teacher_fd,
-               ms_per_sample=teacher_ms, speedup=1.0, **other_metrics(teacher_result))]
-
-  teacher = original_teacher
+  teacher, students = original_teacher, {}
   if p.start_stage > 0 and not config.teacher.checkpoint:
     previous = stage_dir(workdir, p.start_stage - 1, steps[p.start_stage])
-    teacher = ckpt_lib.restore_params(os.path.join(previous, "checkpoints"), exp.abstract_params())
+    teacher = ckpt_lib.restore_params(os.path.join(previous, "checkpoints"),
+                                      exp.abstract_params(guided=guided))
   offset = sum(train_steps[:p.start_stage])
   for k in range(p.start_stage, num_stages):
     n_teacher, n_student = steps[k], steps[k + 1]
@@ -211,7 +223,7 @@ def train(config, workdir: str):
 
     def evaluate(params, step, n_student=n_student, k=k, last_eval=last_eval, frozen=frozen,
                  stage=stage, grid=grid):
-      result, samples = exp.evaluator.evaluate(params, n_student, grid=grid)
+      result, samples = exp.evaluator.evaluate(params, n_student, grid=grid, guidance=guidance)
       last_eval.update(result=result, samples=samples)
       scalars = dict(result)
       if p.validation_examples:
@@ -233,17 +245,17 @@ def train(config, workdir: str):
         meta={"stage": k, "student_steps": n_student, "teacher_steps": n_teacher})
     offset += train_steps[k]
     student = objective.eval_params(trained.state, frozen)
-    common.export(student, config, os.path.join(directory, EXPORT), "ddim", n_student, grid)
-    rows.append(stage_row(exp, directory, k, n_student, student, original_teacher, teacher_ms,
-                          last_eval, grid))
-    teacher = student
+    common.export(student, config, os.path.join(directory, EXPORT), "ddim", n_student, grid,
+                  guidance)
+    on_row(stage_row(directory, k, n_student, student, last_eval, grid))
+    teacher = students[n_student] = student
   common.export(teacher, config, os.path.join(workdir, EXPORT), "ddim", steps[-1],
-                grid_times(grids, num_stages))
-  write_summary(workdir, rows, time.time() - run_start, steps, exp)
-  return teacher
+                grid_times(grids, num_stages), guidance)
+  return students
 
 
-def make_objective(exp):
+def make_objective(exp, guidance_range: tuple = ()):
+  """The stage objective; `guidance_range` (w_min, w_max): guided distillation's stage 2."""
   c, p = exp.config, exp.config.progressive
   features = None
   if c.features.weight_start or c.features.weight_end:
@@ -252,7 +264,7 @@ def make_objective(exp):
   return ProgressiveObjective(exp.denoiser, exp.schedule, exp.optimizer(), c.optim, exp.data_shape,
                               p.loss_weighting, min_snr_gamma=c.diffusion.min_snr_gamma,
                               curriculum=curriculum_lib.make_scheduler(c),
-                              features=features, lora=make_lora(c))
+                              features=features, lora=make_lora(c), guidance_range=guidance_range)
 
 
 def stage_dir(workdir, k, n_student):

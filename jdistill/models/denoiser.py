@@ -55,34 +55,50 @@ class Denoiser:
   def to_prediction(self, output, z, logsnr) -> Prediction:
     return param_lib.from_model_output(self.parameterization, output, z, logsnr, self.path)
 
-  def init(self, rng, example_z, step_conditioned: bool = False, flow_map: bool = False):
+  def init(self, rng, example_z, step_conditioned: bool = False, flow_map: bool = False,
+           guided: bool = False):
     """Params; `step_conditioned` adds the (zero) step-count embedding of TDM-unify generators,
-    `flow_map` the (zero) interval embedding of flow maps (MeanFlow)."""
+    `flow_map` the (zero) interval embedding of flow maps (MeanFlow), `guided` the (zero) guidance
+    embedding of guidance-conditioned students."""
     batch = example_z.shape[0]
     label = jnp.zeros((batch,), jnp.int32) if self.num_classes else None
     extra = {"steps": jnp.ones((batch,), jnp.int32)} if step_conditioned else {}
     if flow_map:
       extra["interval"] = jnp.zeros((batch,))
+    if guided:
+      extra["guidance"] = jnp.zeros((batch,))
     return self.module.init({"params": rng, "dropout": rng}, example_z, jnp.zeros((batch,)), label,
                             **extra)
 
   def predict(self, params, z, logsnr, cond: Optional[jnp.ndarray] = None, *,
               train: bool = False, rng: Optional[jax.Array] = None,
               steps: Optional[jnp.ndarray] = None,
-              interval: Optional[jnp.ndarray] = None) -> Prediction:
+              interval: Optional[jnp.ndarray] = None,
+              guidance: Optional[jnp.ndarray] = None) -> Prediction:
     """`steps`: the sampler's step count K per example; only step-conditioned params (those
     holding a `step_embedding`) read it, so samplers can always pass it. `interval`: the flow-time
     interval h = t - r of a flow map's step (per example); only flow-map params (those holding an
-    `interval_embedding`) read it, and without it they predict at h = 0 (the velocity)."""
+    `interval_embedding`) read it, and without it they predict at h = 0 (the velocity).
+    `guidance`: the CFG weight w a guidance-conditioned network is told (scalar or per example;
+    without it, w = 0); other params refuse it (they guide with two passes: `predict_guided`)."""
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     extra = {"steps": steps} if (steps is not None and is_step_conditioned(params)) else {}
     if is_flow_map(params):
       extra["interval"] = jnp.zeros(logsnr.shape) if interval is None else interval
+    if is_guidance_conditioned(params):
+      extra["guidance"] = jnp.broadcast_to(0.0 if guidance is None else guidance, logsnr.shape)
+    elif guidance is not None:
+      raise ValueError("a guidance weight was given to a network without a guidance embedding; "
+                       "guide it with two passes (predict_guided)")
     output = self.apply_module(params, z, logsnr, cond, train=train, rngs=rngs, **extra)
     return self.to_prediction(output, z, logsnr)
 
   def predict_guided(self, params, z, logsnr, cond, guidance, steps=None) -> Prediction:
-    """Classifier-free guidance: (1 + w) pred(z | c) - w pred(z | null)."""
+    """Classifier-free guidance, two passes: (1 + w) pred(z | c) - w pred(z | null); w a scalar or
+    one per example. A guidance-conditioned student is refused: its one pass already guides."""
+    if is_guidance_conditioned(params):
+      raise ValueError("classifier-free guidance applied twice: this network is guidance-"
+                       "conditioned (one pass at its w); tell it w (predict_with_guidance)")
     if self.num_classes == 0 or cond is None:
       return self.predict(params, z, logsnr, None, steps=steps)
     null = jnp.full_like(cond, self.num_classes)
@@ -91,7 +107,20 @@ class Denoiser:
                         steps=None if steps is None else jnp.concatenate([steps, steps]))
     conditional = jax.tree.map(lambda a: a[: z.shape[0]], both)
     unconditional = jax.tree.map(lambda a: a[z.shape[0]:], both)
-    return param_lib.combine([(1.0 + guidance, conditional), (-guidance, unconditional)])
+    w = param_lib.broadcast_to_data(jnp.broadcast_to(guidance, logsnr.shape), z)
+    return param_lib.combine([(1.0 + w, conditional), (-w, unconditional)])
+
+  def predict_with_guidance(self, params, z, logsnr, cond, guidance, *, steps=None,
+                            interval=None) -> Prediction:
+    """The prediction at CFG weight w (`guidance`: a Python float, or per example): a guidance-
+    conditioned network is told w (one pass); others are guided with two passes, or, at a static
+    w = 0, are asked once."""
+    if is_guidance_conditioned(params):
+      return self.predict(params, z, logsnr, cond, steps=steps, interval=interval,
+                          guidance=guidance)
+    if isinstance(guidance, (int, float)) and guidance == 0:
+      return self.predict(params, z, logsnr, cond, steps=steps, interval=interval)
+    return self.predict_guided(params, z, logsnr, cond, guidance, steps)
 
   def predict_with_features(self, params, z, logsnr, cond=None, layers=("bottleneck",), *,
                             train: bool = False, rng: Optional[jax.Array] = None):
@@ -116,22 +145,35 @@ def is_flow_map(params) -> bool:
   return "interval_embedding" in params
 
 
-def with_interval_embedding(denoiser: "Denoiser", params, example_z):
-  """`params` (e.g. the teacher's) plus a zero interval embedding: a flow map that is the teacher's
-  velocity at every interval, ready to learn its average velocities (MeanFlow)."""
-  fresh = jax.eval_shape(lambda: denoiser.init(jax.random.key(0), example_z, flow_map=True)["params"])
+def is_guidance_conditioned(params) -> bool:
+  return "guidance_embedding" in params
+
+
+def with_zero_embedding(denoiser: "Denoiser", params, example_z, **which):
+  """`params` (e.g. the teacher's) plus the zero-initialised embedding(s) `which` names
+  (step_conditioned, flow_map, guided: Denoiser.init's flags): the same function, ready to be told
+  its step count, interval or guidance weight."""
+  fresh = jax.eval_shape(lambda: denoiser.init(jax.random.key(0), example_z, **which)["params"])
   zeros = lambda leaf: jnp.zeros(getattr(leaf, "value", leaf).shape, getattr(leaf, "value", leaf).dtype)
-  return {**params, "interval_embedding": jax.tree.map(
-      zeros, fresh["interval_embedding"], is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+  added = {name: jax.tree.map(zeros, fresh[name], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+           for name in fresh if name not in params}
+  return {**params, **added}
+
+
+def with_interval_embedding(denoiser: "Denoiser", params, example_z):
+  """A flow map that is the teacher's velocity at every interval (MeanFlow's start)."""
+  return with_zero_embedding(denoiser, params, example_z, flow_map=True)
 
 
 def with_step_embedding(denoiser: "Denoiser", params, example_z):
-  """`params` (e.g. the teacher's) plus a zero step-count embedding: the same function, ready
-  to be told how many steps it samples with."""
-  fresh = jax.eval_shape(lambda: denoiser.init(jax.random.key(0), example_z, True)["params"])
-  table = fresh["step_embedding"]["embedding"]
-  table = getattr(table, "value", table)     # unbox logical partitioning metadata
-  return {**params, "step_embedding": {"embedding": jnp.zeros(table.shape, table.dtype)}}
+  """A step-conditioned generator that is the teacher at every step count (TDM-unify's start)."""
+  return with_zero_embedding(denoiser, params, example_z, step_conditioned=True)
+
+
+def with_guidance_embedding(denoiser: "Denoiser", params, example_z):
+  """A guidance-conditioned student that is the conditional teacher at every w (guided
+  distillation's start)."""
+  return with_zero_embedding(denoiser, params, example_z, guided=True)
 
 
 def make_denoiser(model_config, data_shape, parameterization: str, path: str = "vp",

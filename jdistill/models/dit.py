@@ -1,10 +1,10 @@
 """A Flax Linen DiT (Peebles & Xie 2023), laid out like diffusers' DiTTransformer2DModel.
 
 Patches (a convolution with kernel = stride = patch size) plus a fixed 2-D sin-cos position
-embedding; a conditioning vector c = MLP(sinusoid(time)) + label embedding (+ the step-count
-embedding of step-conditioned generators); `depth` adaLN-Zero blocks (LayerNorm without affine,
-shift / scale / gate from c, self-attention, a GELU(tanh) MLP of ratio 4); the final adaLN layer;
-unpatchify. Submodules carry diffusers' names so `dit_params_from_diffusers` maps a diffusers state
+embedding; a conditioning vector c = MLP(sinusoid(time)) + label embedding (+ the zero-initialised
+embeddings of a generator's step count, a flow map's interval and a student's guidance weight);
+`depth` adaLN-Zero blocks (LayerNorm without affine, shift / scale / gate from c, self-attention,
+a GELU(tanh) MLP of ratio 4); the final adaLN layer; unpatchify. Submodules carry diffusers' names so `dit_params_from_diffusers` maps a diffusers state
 dict onto these params key by key. diffusers keeps a copy of the time and label embedders in
 every block (all equal in DiT checkpoints, which share one); here there is one.
 """
@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.models.unet import add_step_embedding, bias_init, conv_init, dense, logsnr_time
+from jdistill.models.unet import (add_guidance_embedding, add_interval_embedding, add_step_embedding,
+                                  bias_init, conv_init, dense, logsnr_time)
 
 FREQUENCY_CHANNELS = 256        # the sinusoidal time embedding's width (diffusers' Timesteps(256))
 
@@ -116,7 +117,8 @@ class DiT(nn.Module):
 
   @nn.compact
   def __call__(self, z, time, label: Optional[jnp.ndarray] = None, train: bool = False,
-               capture_features: bool = False, steps: Optional[jnp.ndarray] = None):
+               capture_features: bool = False, steps: Optional[jnp.ndarray] = None,
+               interval: Optional[jnp.ndarray] = None, guidance: Optional[jnp.ndarray] = None):
     batch, height, width, _ = z.shape
     p, d = self.patch_size, self.hidden
     c = TimestepEmbedding(d, self.dtype, name="timestep_embedder")(
@@ -128,6 +130,8 @@ class DiT(nn.Module):
                        embedding_init=nn.with_logical_partitioning(
                            nn.initializers.normal(0.02), ("classes", "embed_out")))(label)
     c = add_step_embedding(c, steps, self.dtype)
+    c = add_interval_embedding(c, interval, self.dtype)
+    c = add_guidance_embedding(c, guidance, self.dtype)
 
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="pos_embed",
                 kernel_init=conv_init(), bias_init=bias_init())(z.astype(self.dtype))

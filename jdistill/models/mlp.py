@@ -6,7 +6,8 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jdistill.models.unet import add_interval_embedding, add_step_embedding, dense, logsnr_embedding
+from jdistill.models.unet import (add_guidance_embedding, add_interval_embedding, add_step_embedding,
+                                  dense, logsnr_embedding)
 
 
 class MLPDenoiser(nn.Module):
@@ -20,7 +21,7 @@ class MLPDenoiser(nn.Module):
   @nn.compact
   def __call__(self, z, logsnr, label: Optional[jnp.ndarray] = None, train: bool = False,
                capture_features: bool = False, steps: Optional[jnp.ndarray] = None,
-               interval: Optional[jnp.ndarray] = None):
+               interval: Optional[jnp.ndarray] = None, guidance: Optional[jnp.ndarray] = None):
     emb = dense(self.hidden, self.dtype)(logsnr_embedding(logsnr, 64))
     if self.num_classes > 0:
       if label is None:
@@ -30,6 +31,7 @@ class MLPDenoiser(nn.Module):
                                nn.initializers.normal(0.02), ("classes", "embed_out")))(label)
     emb = add_step_embedding(emb, steps, self.dtype)
     emb = add_interval_embedding(emb, interval, self.dtype)
+    emb = add_guidance_embedding(emb, guidance, self.dtype)
     h = dense(self.hidden, self.dtype)(z.astype(self.dtype))
     for _ in range(self.depth):
       h = h + dense(self.hidden, self.dtype)(nn.swish(dense(self.hidden, self.dtype)(nn.swish(h + emb))))

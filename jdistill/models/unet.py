@@ -145,21 +145,33 @@ def add_step_embedding(emb, steps: Optional[jnp.ndarray], dtype):
   return emb + table(jnp.clip(steps, 0, MAX_STEPS).astype(jnp.int32))
 
 
-def add_interval_embedding(emb, interval: Optional[jnp.ndarray], dtype):
-  """emb + W phi(h) for a flow map (MeanFlow): h = t - r in [0, 1] is the flow-time interval the
-  output averages the velocity over, phi its sinusoidal embedding (of 1000 h). W starts at zero, so
-  a flow map initialised from the teacher is the teacher (its velocity) at every h."""
-  if interval is None:
+def add_zero_fourier_embedding(emb, value: Optional[jnp.ndarray], name: str, dtype):
+  """emb + W phi(1000 value): phi the sinusoidal features of a per-example scalar (scaled like a
+  diffusion timestep), W a zero-initialised layer `name`, so the network starts as it was without
+  it, at every value. None: emb unchanged."""
+  if value is None:
     return emb
   half = emb.shape[-1] // 8
   freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  angles = 1000.0 * interval[:, None].astype(jnp.float32) * freqs[None]
+  angles = 1000.0 * value[:, None].astype(jnp.float32) * freqs[None]
   features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-  layer = nn.Dense(emb.shape[-1], dtype=dtype, name="interval_embedding",
+  layer = nn.Dense(emb.shape[-1], dtype=dtype, name=name,
                    kernel_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                             ("embed_in", "embed_out")),
                    bias_init=bias_init("embed_out"))
   return emb + layer(features)
+
+
+def add_interval_embedding(emb, interval: Optional[jnp.ndarray], dtype):
+  """A flow map (MeanFlow) is told h = t - r in [0, 1], the flow-time interval its output averages
+  the velocity over; it starts as the teacher (its velocity) at every h."""
+  return add_zero_fourier_embedding(emb, interval, "interval_embedding", dtype)
+
+
+def add_guidance_embedding(emb, guidance: Optional[jnp.ndarray], dtype):
+  """A guidance-conditioned student (guided distillation, LCM's w-embedding) is told its
+  classifier-free guidance weight w; it starts as the conditional teacher at every w."""
+  return add_zero_fourier_embedding(emb, guidance, "guidance_embedding", dtype)
 
 
 class ResBlock(nn.Module):
@@ -216,7 +228,7 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, z, logsnr, label: Optional[jnp.ndarray] = None, train: bool = False,
                capture_features: bool = False, steps: Optional[jnp.ndarray] = None,
-               interval: Optional[jnp.ndarray] = None):
+               interval: Optional[jnp.ndarray] = None, guidance: Optional[jnp.ndarray] = None):
     emb_dim = 4 * self.channels
     emb = logsnr_embedding(logsnr, self.channels)
     emb = dense(emb_dim, self.dtype)(emb)
@@ -229,6 +241,7 @@ class UNet(nn.Module):
                                nn.initializers.normal(0.02), ("classes", "embed_out")))(label)
     emb = add_step_embedding(emb, steps, self.dtype)
     emb = add_interval_embedding(emb, interval, self.dtype)
+    emb = add_guidance_embedding(emb, guidance, self.dtype)
 
     h = conv(self.channels, self.dtype)(z.astype(self.dtype))
     skips = [h]

@@ -38,6 +38,7 @@ from jdistill.diffusion.losses import per_example_mse, weighted_x_loss
 from jdistill.diffusion.parameterization import forward_process
 from jdistill.errors import check_choice
 from jdistill.objectives import state as state_lib
+from jdistill.objectives.guided import draw_guidance
 
 FEATURE_SCHEDULES = ("linear", "cosine")
 
@@ -156,6 +157,8 @@ class ProgressiveObjective(state_lib.Objective):
   curriculum: Any = None          # None: i ~ U{0..N-1}; else an AdaptiveCurriculumScheduler
   features: Optional[FeatureDistillation] = None
   lora: Any = None                # a LoRA: only adapters train, over the frozen 'student_base'
+  guidance_range: tuple = ()      # (w_min, w_max): guided distillation's stage 2, a guidance-
+                                  # conditioned teacher and student, each target at w ~ U[w_min, w_max]
 
   def new_state(self, student_init, rng=None):
     """A fresh student state: full params, or LoRA adapters over `student_init`."""
@@ -163,7 +166,8 @@ class ProgressiveObjective(state_lib.Objective):
     return curriculum_lib.attach(self.curriculum, state_lib.create(params, self.optimizer))
 
   def init_state(self, rng):
-    return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
+    return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)),
+                                             guided=bool(self.guidance_range))["params"])
 
   def student_params(self, trainable, frozen):
     return state_lib.full_params(self.lora, trainable, frozen.student_base)
@@ -178,22 +182,25 @@ class ProgressiveObjective(state_lib.Objective):
     return i, self.curriculum.interval_weight(state.curriculum, s, t, stage.student_steps)
 
   def targets(self, teacher_params, batch, rng_eps, i, stage):
-    """(z_t, logsnr_t, x_target, label) for one batch; no gradient flows into the teacher."""
+    """(z_t, logsnr_t, x_target, label, w) for one batch (w: the examples' guidance weights with a
+    `guidance_range`, else None); no gradient flows into the teacher."""
     x = batch["x"]
     eps = jax.random.normal(rng_eps, x.shape)
     t, s = student_step_times(stage, i)
     z_t, logsnr_t = forward_process(x, t, eps, self.schedule)
     label = batch["label"] if self.denoiser.num_classes else None
-    predict = lambda z, logsnr: self.denoiser.predict(teacher_params, z, logsnr, label)
+    w = (draw_guidance(jax.random.fold_in(rng_eps, 1), x.shape[0], self.guidance_range)
+         if self.guidance_range else None)
+    predict = lambda z, logsnr: self.denoiser.predict(teacher_params, z, logsnr, label, guidance=w)
     z_s, teacher_x = teacher_chain(predict, self.schedule, z_t, i, stage)
     x_target = sampling.ddim_x_target(z_t, z_s, teacher_x, logsnr_t, self.schedule(s), s)
-    return z_t, logsnr_t, jax.lax.stop_gradient(x_target), label
+    return z_t, logsnr_t, jax.lax.stop_gradient(x_target), label, w
 
   def train_step(self, state, batch, rng, frozen, stage):
     rng_target, rng_dropout = jax.random.split(rng)
     rng_t, rng_eps = jax.random.split(rng_target)
     i, importance = self.student_step_indices(state, rng_t, batch["x"].shape[0], stage)
-    z_t, logsnr_t, x_target, label = self.targets(frozen.teacher, batch, rng_eps, i, stage)
+    z_t, logsnr_t, x_target, label, w = self.targets(frozen.teacher, batch, rng_eps, i, stage)
     if self.features is not None:
       _, teacher_features = self.denoiser.predict_with_features(
           frozen.teacher, z_t, logsnr_t, label, self.features.layers)
@@ -202,7 +209,8 @@ class ProgressiveObjective(state_lib.Objective):
     def loss_fn(trainable):
       params = self.student_params(trainable, frozen)
       if self.features is None:
-        pred = self.denoiser.predict(params, z_t, logsnr_t, label, train=True, rng=rng_dropout)
+        pred = self.denoiser.predict(params, z_t, logsnr_t, label, train=True, rng=rng_dropout,
+                                     guidance=w)
         feature_loss = jnp.zeros(())
       else:
         pred, student_features = self.denoiser.predict_with_features(
@@ -238,8 +246,8 @@ class ProgressiveObjective(state_lib.Objective):
     """Mean distillation loss of `params` with uniform student times (comparable across samplers)."""
     rng_t, rng_eps = jax.random.split(rng)
     i = jax.random.randint(rng_t, (batch["x"].shape[0],), 0, stage.student_steps)
-    z_t, logsnr_t, x_target, label = self.targets(teacher_params, batch, rng_eps, i, stage)
-    pred = self.denoiser.predict(params, z_t, logsnr_t, label)
+    z_t, logsnr_t, x_target, label, w = self.targets(teacher_params, batch, rng_eps, i, stage)
+    pred = self.denoiser.predict(params, z_t, logsnr_t, label, guidance=w)
     return jnp.mean(weighted_x_loss(pred.x0, x_target, logsnr_t, self.weighting, self.min_snr_gamma))
 
   def eval_params(self, state, frozen=None):

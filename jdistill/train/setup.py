@@ -44,18 +44,19 @@ class Experiment:
   def optimizer(self, optim=None):
     return state_lib.make_optimizer(optim or self.config.optim)
 
-  def abstract_params(self, flow_map: bool = False):
+  def abstract_params(self, flow_map: bool = False, guided: bool = False):
     """Shape/dtype/sharding of the denoiser's params on this mesh (for restoring teachers);
-    `flow_map`: with the interval embedding of a flow map (MeanFlow students)."""
+    `flow_map`: with the interval embedding of a flow map (MeanFlow students); `guided`: with the
+    guidance embedding of a guidance-conditioned student."""
     from jdistill.train.checkpoint import abstract_with_shardings
     import flax.linen as nn
     boxed = jax.eval_shape(lambda: self.denoiser.init(jax.random.key(0),
                                                       jnp.zeros((1, *self.data_shape)),
-                                                      flow_map=flow_map)["params"])
+                                                      flow_map=flow_map, guided=guided)["params"])
     return abstract_with_shardings(nn.unbox(boxed), partitioning.shardings_for(boxed, self.mesh))
 
-  def param_shardings(self):
-    return jax.tree.map(lambda a: a.sharding, self.abstract_params())
+  def param_shardings(self, guided: bool = False):
+    return jax.tree.map(lambda a: a.sharding, self.abstract_params(guided=guided))
 
 
 def build(config, workdir: str, *, evaluator: bool = True, record_config: bool = True) -> Experiment:
