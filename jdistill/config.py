@@ -107,6 +107,12 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
   # LoRA student (off while rank is 0)
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=4.0, targets=(".*",)))
   c.teacher = ml_collections.ConfigDict(dict(checkpoint="", sampling_steps=256))
+  # a guidance-conditioned student (off while w_max is 0): told w ~ U[w_min, w_max] per example by
+  # a zero-initialised embedding, it learns the teacher's classifier-free guidance at that w
+  # (guided distillation, DMD2, TDM). eval_w: the w of evaluations during training and the
+  # exported student's default; summary_w: the w of the end-of-run table
+  c.student_guidance = ml_collections.ConfigDict(dict(
+      w_min=0.0, w_max=0.0, eval_w=2.0, summary_w=(0.0, 1.0, 2.0, 4.0)))
 
   if preset == "toy2d":
     c.data.update(source="toy2d", name="checkerboard", batch_size=512)
@@ -240,6 +246,7 @@ def validate(config, num_devices: int):
   check(config.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
   for field in ("steps_during_training", "final_steps"):
     check_step_counts(f"eval.{field}", config.eval[field])
+  check_student_guidance(config)
   check(config.teacher.sampling_steps >= 1, "teacher.sampling_steps",
         f"must be >= 1, got {config.teacher.sampling_steps}")
   final_count = config.eval.get("final_num_samples", 0)
@@ -272,3 +279,27 @@ def validate(config, num_devices: int):
     check(os.path.isfile(config.eval.inception_weights), "eval.inception_weights",
           f"InceptionV3 FID weights file {config.eval.inception_weights!r} not found; "
           "jdistill never downloads weights: pass the path of a file you have")
+
+
+def student_guidance_range(config) -> tuple:
+  """(w_min, w_max) of a guidance-conditioned student, or () when the control is off."""
+  g = config.get("student_guidance")
+  return (float(g.w_min), float(g.w_max)) if g is not None and g.w_max > 0 else ()
+
+
+def check_student_guidance(config):
+  if not student_guidance_range(config):
+    return
+  g = config.student_guidance
+  check(0.0 <= g.w_min < g.w_max, "student_guidance.w_min",
+        f"need 0 <= w_min < w_max, got [{g.w_min}, {g.w_max}]")
+  check(config.model.num_classes > 0, "model.num_classes",
+        "a guidance-conditioned student needs a class-conditional teacher (e.g. preset digits_cond)")
+  check(config.diffusion.label_dropout > 0, "diffusion.label_dropout",
+        "the teacher must have learned the null class that CFG guides with (label_dropout > 0)")
+  check(config.diffusion.guidance == 0, "diffusion.guidance",
+        "a guidance-conditioned student learns every w of student_guidance; one fixed teacher "
+        "guidance must stay 0")
+  check(g.eval_w >= 0, "student_guidance.eval_w", f"must be >= 0, got {g.eval_w}")
+  check(len(g.summary_w) > 0 and min(g.summary_w) >= 0, "student_guidance.summary_w",
+        f"need one or more w >= 0, got {tuple(g.summary_w)}")

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from jdistill import methods
-from jdistill.config import base_config
+from jdistill.config import base_config, student_guidance_range
 from jdistill.eval import evaluate as eval_lib
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import setup, teachers
@@ -98,7 +98,7 @@ def check_guidance(guidance: float, config, sampling: dict) -> bool:
   """Whether the model is a guidance-conditioned student (told w, one pass). A w != 0 for a model
   trained for neither that nor two-pass CFG (a class-conditional teacher with label dropout) is a
   UsageError."""
-  guided = bool(sampling.get("guided")) or config.method == "guided"
+  guided = bool(sampling.get("guided")) or bool(student_guidance_range(config))
   cfg_teacher = (config.method == "teacher" and config.model.num_classes > 0
                  and config.diffusion.label_dropout > 0)
   if guidance and not (guided or cfg_teacher):

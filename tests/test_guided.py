@@ -175,7 +175,8 @@ def test_validation_names_the_field():
     return config
   for changes, field in [({"model.num_classes": 0}, "model.num_classes"),
                          ({"diffusion.label_dropout": 0.0}, "diffusion.label_dropout"),
-                         ({"guided.guidance_max": 0.0}, "guided.guidance_max"),
+                         ({"student_guidance.w_max": 0.0}, "student_guidance.w_max"),
+                         ({"student_guidance.w_min": 5.0}, "student_guidance.w_min"),
                          ({"guided.stage2_eval_steps": (3,)}, "guided.stage2_eval_steps")]:
     with pytest.raises(ConfigError, match=field):
       methods.validate(config_with(**changes), 1)
@@ -190,8 +191,8 @@ def test_both_stages_run_end_to_end_and_the_student_samples_at_any_w(tmp_path):
   config.teacher.update(checkpoint=teacher_path, sampling_steps=4)
   config.data.batch_size = 16
   config.progressive.update(steps="", stage_overrides="", steps_per_stage=4, validation_examples=0)
-  config.guided.update(train_steps=4, eval_guidance=(0.0, 2.0), eval_steps=(4,),
-                       stage2_eval_steps=(2, 1))
+  config.guided.update(train_steps=4, eval_steps=(4,), stage2_eval_steps=(2, 1))
+  config.student_guidance.summary_w = (0.0, 2.0)
   config.train.update(log_every=2, save_every=100)
   config.eval.update(num_samples=64, batch_size=64, neighbour_examples=64)
   workdir = str(tmp_path / "run")
@@ -211,3 +212,66 @@ def test_both_stages_run_end_to_end_and_the_student_samples_at_any_w(tmp_path):
   chex_equal = jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, student)
   del chex_equal
   assert np.isfinite(exp.sampler.sample(params, 1, 8, guidance=4.0)).all()
+
+
+def _dmd_objective(w_range, variant="dmd2"):
+  from jdistill.methods import distribution_matching as dm_method
+  from jdistill.objectives.distribution_matching import DistributionMatchingObjective
+  config, denoiser, teacher = _conditional()
+  schedule = make_schedule(config.diffusion.schedule)
+  optimizer = state_lib.make_optimizer(config.optim)
+  objective = DistributionMatchingObjective(
+      denoiser, schedule, optimizer, optimizer, config.optim, config.optim, SHAPE, 10,
+      variant=variant, guidance_range=w_range)
+  del dm_method
+  return objective, denoiser, teacher
+
+
+@pytest.mark.parametrize("variant", ["dmd2", "tdm"])
+def test_dmd_real_score_is_the_teachers_cfg_at_the_examples_w(variant):
+  """Generator and critic start as the conditional teacher at every w (zero guidance embeddings),
+  so the distribution-matching gradient vanishes at w = 0 (real score = fake score) and not at
+  w = 2, where the real score is the teacher's two-pass CFG."""
+  def grad_norm(w):
+    objective, denoiser, teacher = _dmd_objective((w, w), variant)
+    state = objective.new_state(teacher)
+    generator, critic = state.generator.params, state.critic.params
+    assert "guidance_embedding" in generator and "guidance_embedding" in critic["score"]
+    noise = jax.random.normal(jax.random.key(3), (8, *SHAPE))
+    label = jnp.arange(8, dtype=jnp.int32)
+    steps = jnp.full((8,), 1, jnp.int32)
+    w_ = jnp.full((8,), w)
+    z_k, t_k = objective.rollout(generator, noise, label, steps, jax.random.key(4), w_)
+    grads = jax.grad(lambda p: objective.generator_loss(
+        p, critic, teacher, z_k, t_k, label, steps, jax.random.key(5), w=w_)[0])(generator)
+    return float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
+  # at w = 0 the two-pass CFG equals one conditional pass up to rounding (its batch is doubled)
+  assert grad_norm(0.0) < 2e-5
+  assert grad_norm(2.0) > 1e-3
+
+
+def test_dmd_with_a_guidance_conditioned_generator_runs_and_tables_every_w(tmp_path):
+  from jdistill.methods import distribution_matching as dm_method
+  config = tiny_unet(dm_method.get_config("digits_cond"))
+  teacher_path = str(tmp_path / "teacher.msgpack")
+  with open(teacher_path, "wb") as f:
+    f.write(serialization.to_bytes(tiny_teacher_params(config, 0)))
+  config.teacher.update(checkpoint=teacher_path, sampling_steps=4)
+  config.student_guidance.update(w_max=4.0, summary_w=(0.0, 3.0))
+  config.data.batch_size = 16
+  config.dmd.update(regression_pairs=32, regression_steps=4, eval_steps=(1,))
+  config.train.update(num_steps=4, log_every=2, save_every=100, eval_every=0)
+  config.eval.update(num_samples=64, batch_size=64, final_num_samples=0, neighbour_examples=64)
+  workdir = str(tmp_path / "run")
+  methods.train(config, workdir)
+  summary = open(os.path.join(workdir, "summary.md")).read()
+  for row in ("| CFG teacher (2 passes) | 4 | 3 |", "| dmd2 generator | 1 | 0 |",
+              "| dmd2 generator | 1 | 3 |"):
+    assert row in summary
+  exported = json.load(open(os.path.join(workdir, "generator.json")))
+  assert exported["sampling"]["guided"] is True
+  # the control is refused where a method does not take it
+  config = tiny_unet(methods.get("consistency").get_config("digits_cond"))
+  config.student_guidance.w_max = 4.0
+  with pytest.raises(ConfigError, match="student_guidance.w_max.*does not support"):
+    methods.validate(config, 1)

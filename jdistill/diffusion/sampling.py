@@ -69,20 +69,22 @@ def ode_states(predict_fn: PredictFn, schedule, noise, points: int, substeps: in
 def teacher_couplings(denoiser, schedule, params, data_shape, num: int, seed: int, points: int,
                       substeps: int, guidance: float = 0.0, batch_size: int = 500):
   """`num` (noise, the teacher's ODE) couplings from fixed noise: {label, trajectory}, trajectory
-  = `ode_states` of the teacher (guided if conditional; labels drawn uniformly) at `points` + 1
-  times, [:, 0] the noise and [:, -1] the teacher's sample."""
+  = `ode_states` of the teacher (guided if conditional, at `guidance`: one w, or one per coupling;
+  labels drawn uniformly) at `points` + 1 times, [:, 0] the noise and [:, -1] the teacher's
+  sample."""
   rng = jax.random.key(seed)
   noise = jax.random.normal(rng, (num, *data_shape))
   conditional = bool(denoiser.num_classes)
   label = (jax.random.randint(jax.random.fold_in(rng, 1), (num,), 0, denoiser.num_classes)
            if conditional else jnp.zeros((num,), jnp.int32))
+  guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (num,))
 
   @jax.jit
-  def ode(z, y):
+  def ode(z, y, w):
     predict = lambda z_, logsnr: denoiser.predict_guided(params, z_, logsnr,
-                                                         y if conditional else None, guidance)
+                                                         y if conditional else None, w)
     return ode_states(predict, schedule, z, points, substeps)
-  trajectory = jnp.concatenate([ode(noise[i:i + batch_size], label[i:i + batch_size])
+  trajectory = jnp.concatenate([ode(*(a[i:i + batch_size] for a in (noise, label, guidance)))
                                 for i in range(0, num, batch_size)])
   return {"label": label, "trajectory": trajectory}
 

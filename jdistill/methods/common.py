@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 import jax
 from absl import logging
 
+from jdistill import config as config_lib
 from jdistill import files
 from jdistill.eval import evaluate as eval_lib
 from jdistill.models.denoiser import is_guidance_conditioned
@@ -28,6 +29,8 @@ def controls_in_use(config) -> dict:
     used["curriculum"] = f"curriculum.sampler={config.curriculum.sampler!r}"
   if config.diffusion.guidance:
     used["guidance"] = f"diffusion.guidance={config.diffusion.guidance}"
+  if config_lib.student_guidance_range(config):
+    used["student_guidance"] = f"student_guidance.w_max={config.student_guidance.w_max}"
   if config.diffusion.get("time_sampling", "uniform") != "uniform":
     used["time_sampling"] = f"diffusion.time_sampling={config.diffusion.time_sampling!r}"
   if config.features.weight_start or config.features.weight_end:
@@ -136,6 +139,37 @@ def teacher_rows(exp, teacher, steps_list, guidance: float = 0.0) -> list:
   steps = [own, *(n for n in steps_list if n != own)]
   return [("teacher", row) for row in fd_table(exp, teacher, steps, name="teacher_",
                                                guidance=guidance)]
+
+
+def guidance_rows(exp, teacher, teacher_steps: int, models, guidance_values) -> list:
+  """End-of-run rows of guidance-conditioned students: at each w of `guidance_values`, with FD
+  (teacher) to the `teacher_steps`-step CFG teacher at that w, each of `models` [(name, params,
+  steps, mode, grid or None)] sampled at w (a guided student in one pass per step, the teacher in
+  two). Returns [(name, steps, w, metrics with ms_per_sample and, for digits, accuracy)]."""
+  rows = []
+  for w in guidance_values:
+    exp.evaluator.set_teacher(teacher, teacher_steps, guidance=w)
+    for name, params, n, mode, grid in models:
+      result, _ = exp.evaluator.evaluate(params, n, mode, final=True, guidance=w, grid=grid)
+      result["ms_per_sample"] = exp.evaluator.speed(result, params, n, mode, guidance=w)
+      rows.append((name, n, w, result))
+      logging.info("%s, %d steps, w=%g: %s", name, n, w,
+                   "  ".join(f"{k}={v:.4g}" for k, v in result.items()))
+  return rows
+
+
+def write_guidance_summary(exp, title: str, intro: str, rows, footer=()):
+  """summary.md of `guidance_rows`: one row per model, step count and w."""
+  write_summary(
+      exp.workdir, title,
+      [f"{intro}; metrics on {exp.evaluator.final_num_samples} samples vs the held-out split, FD "
+       "(teacher) to the CFG teacher at the same w; accuracy: the share of samples the digits "
+       "classifier calls the class asked for"],
+      ["model", "steps", "w", *METRIC_HEADER, "accuracy", "ms / sample"],
+      [[name, n, f"{w:g}", *metric_cells(r),
+        "" if r.get("accuracy") is None else f"{r['accuracy']:.3f}", f"{r['ms_per_sample']:.3f}"]
+       for name, n, w, r in rows],
+      list(footer) + floor_lines(exp))
 
 
 def reused_evaluation(exp, last_eval, n):

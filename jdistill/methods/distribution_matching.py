@@ -25,7 +25,7 @@ from jdistill.objectives.distribution_matching import (REGRESSION_SOURCES, VARIA
 from jdistill.diffusion.losses import WEIGHTINGS
 from jdistill.train import loop, setup, teachers
 
-CONTROLS = frozenset({"lora", "guidance"})       # optional controls it supports (methods/common.py)
+CONTROLS = frozenset({"lora", "guidance", "student_guidance"})   # optional controls (methods/common.py)
 EXPORT = "generator.msgpack"
 PARAMS_KEY = "generator/ema_params"
 
@@ -118,6 +118,11 @@ def validate(config):
   check(not config.lora.rank or not told, "lora.rank",
         "LoRA generator and critic adapt the teacher itself, which has no step embedding: use it "
         "without dmd.unify_steps, and with dmd.step_aware_critic=False when K > 1")
+  if config_lib.student_guidance_range(config):
+    check(not config.lora.rank, "lora.rank", "LoRA generator and critic adapt the teacher "
+          "itself, which has no guidance embedding: use one of lora and student_guidance")
+    check(d.gan_weight == 0, "dmd.gan_weight", "the GAN head reads the critic's features without "
+          "its w: use gan_weight=0 with student_guidance")
 
 
 def sampling_mode(config) -> str:
@@ -140,7 +145,8 @@ def make_objective(exp, num_steps):
       regression_source=d.regression_source,
       gan_weight=d.gan_weight, huber_c=d.huber_c, remat=d.remat,
       unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals,
-      step_aware_critic=d.step_aware_critic, clip_x=c.diffusion.clip_x, lora=make_lora(c))
+      step_aware_critic=d.step_aware_critic, clip_x=c.diffusion.clip_x, lora=make_lora(c),
+      guidance_range=config_lib.student_guidance_range(c))
 
 
 def train(config, workdir: str):
@@ -149,8 +155,11 @@ def train(config, workdir: str):
   mode = sampling_mode(config)
   teacher = teachers.load_teacher(exp)
   # the real score is the guided teacher: the generator learns its guided distribution and samples
-  # without guidance; the teacher's rows sample with it
-  guidance = config.diffusion.guidance
+  # without guidance; the teacher's rows sample with it. A guidance-conditioned generator learns
+  # every w of student_guidance and is told its w (evaluations at eval_w)
+  w_range = config_lib.student_guidance_range(config)
+  guidance = config.student_guidance.eval_w if w_range else config.diffusion.guidance
+  told = guidance if w_range else 0.0      # what the generator's evaluations tell it
   exp.evaluator.set_teacher(teacher, config.teacher.sampling_steps, guidance=guidance)
   num_steps = config.train.num_steps
   objective = make_objective(exp, num_steps)
@@ -170,18 +179,32 @@ def train(config, workdir: str):
   eval_steps = [d.generator_steps] + sorted(set(d.eval_steps) - {d.generator_steps})
   trained = common.train(
       exp, objective, loop.Settings.from_config(config), workdir=workdir,
-      train_data=exp.train_data(), evaluate=common.fd_callback(exp, eval_steps, mode=mode),
+      train_data=exp.train_data(),
+      evaluate=common.fd_callback(exp, eval_steps, mode=mode, guidance=told),
       best_metric=f"fd_{d.generator_steps}steps", compiled=compiled, frozen=frozen,
       initial_state=lambda: make_state(teacher), meta={"method": d.variant})
   generator = objective.eval_params(trained.state, frozen)
-  common.export(generator, config, os.path.join(workdir, EXPORT), mode, d.generator_steps)
+  common.export(generator, config, os.path.join(workdir, EXPORT), mode, d.generator_steps,
+                guidance=told)
   n_teacher = config.teacher.sampling_steps
+  best = trained.best
+  best_line = ([f"Best evaluated {d.generator_steps}-step FD in this invocation: {best.value:.4g} "
+                f"at step {best.step} (kept in {workdir}/best)."] if best.step is not None else [])
+  if w_range:
+    models = ([("CFG teacher (2 passes)", teacher, n_teacher, "ddim", None)]
+              + [(f"{d.variant} generator", generator, n, mode, None) for n in eval_steps])
+    rows = common.guidance_rows(exp, teacher, n_teacher, models, config.student_guidance.summary_w)
+    common.write_guidance_summary(
+        exp, f"{d.variant.upper()}, guidance-conditioned: {config.preset}",
+        f"w ~ U[{w_range[0]:g}, {w_range[1]:g}], {num_steps} train steps "
+        f"({num_steps // d.critic_updates_per_generator} generator updates), wall time "
+        f"{trained.seconds / 60:.1f} min (this invocation)", rows, best_line)
+    return generator
   teacher_rows = common.fd_table(exp, teacher, [n_teacher], name="teacher_", guidance=guidance)
   generator_rows = common.fd_table(exp, generator, eval_steps, mode=mode,
                                    last_eval=trained.last_eval, name="generator_")
   rows = [("teacher (DDIM)", r) for r in teacher_rows] + [(f"{d.variant} generator", r)
                                                          for r in generator_rows]
-  best = trained.best
   common.write_summary(
       workdir, f"{d.variant.upper()}: {config.preset}",
       [f"{num_steps} train steps ({num_steps // d.critic_updates_per_generator} generator "
@@ -189,7 +212,5 @@ def train(config, workdir: str):
        f"{exp.evaluator.final_num_samples} samples vs the held-out split"],
       ["model", "steps", *common.METRIC_HEADER, "ms / sample"],
       [[name, r["steps"], *common.metric_cells(r), f"{r['ms_per_sample']:.3f}"] for name, r in rows],
-      ([f"Best evaluated {d.generator_steps}-step FD in this invocation: {best.value:.4g} at step "
-        f"{best.step} (kept in {workdir}/best)."] if best.step is not None else [])
-      + common.floor_lines(exp))
+      best_line + common.floor_lines(exp))
   return generator

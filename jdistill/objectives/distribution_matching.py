@@ -49,9 +49,10 @@ from jdistill.diffusion.parameterization import broadcast_to_data, clip_x0, forw
 from jdistill.diffusion.sampling import (ddim_segment, ddim_step, ddim_x_target, renoise_step,
                                          teacher_couplings)
 from jdistill.diffusion.schedules import alpha_sigma
-from jdistill.models.denoiser import with_step_embedding
+from jdistill.models.denoiser import with_zero_embedding
 from jdistill.models.unet import MAX_STEPS
 from jdistill.objectives import state as state_lib
+from jdistill.objectives.guided import draw_guidance
 from jdistill.objectives.state import TrainState
 
 VARIANTS = ("dmd2", "tdm", "tdm_fresh_noise")
@@ -137,6 +138,9 @@ class DistributionMatchingObjective(state_lib.Objective):
   step_aware_critic: bool = True   # K > 1: the critic is told which step made each sample
   clip_x: bool = False             # rollouts clip x_hat to [-1, 1] like the sampler does
   lora: Any = None                 # a LoRA: generator and critic train adapters over the teacher
+  guidance_range: tuple = ()       # (w_min, w_max): a guidance-conditioned generator and critic,
+                                   # told w ~ U[w_min, w_max] per example; the real score is the
+                                   # teacher's CFG at that w
 
   # ---------------------------------------------------------------- state
   def new_state(self, teacher_params, rng=None) -> DistributionMatchingState:
@@ -145,9 +149,11 @@ class DistributionMatchingObjective(state_lib.Objective):
     if self.gan_weight > 0:
       channels = self.bottleneck_channels(teacher_params)
       gan_head = {"w": 0.01 * jax.random.normal(rng, (channels, 1)), "b": jnp.zeros((1,))}
-    told = lambda params: with_step_embedding(self.denoiser, params, jnp.zeros((1, *self.data_shape)))
-    generator = told(teacher_params) if self.unify_steps else teacher_params
-    critic = told(teacher_params) if self.critic_is_told() else teacher_params
+    told = lambda params, steps: with_zero_embedding(
+        self.denoiser, params, jnp.zeros((1, *self.data_shape)), step_conditioned=steps,
+        guided=bool(self.guidance_range))
+    generator = told(teacher_params, bool(self.unify_steps))
+    critic = told(teacher_params, self.critic_is_told())
     if self.lora is not None:       # both adapt the one frozen teacher (no step embedding: validated)
       generator = state_lib.trainable(self.lora, teacher_params, jax.random.fold_in(rng, 1))
       critic = state_lib.trainable(self.lora, teacher_params, jax.random.fold_in(rng, 2))
@@ -175,13 +181,19 @@ class DistributionMatchingObjective(state_lib.Objective):
     return math.lcm(*self.step_counts())
 
   def regression_pairs(self, teacher_params, num_pairs, seed=0, batch_size=500):
-    """DMD1's fixed pairs, computed once before training: {label, trajectory}, the teacher's
-    `regression_steps`-step DDIM trajectory (guided if conditional) from stored noise, kept at
-    t = m / M for m = M..0 (trajectory[:, 0] the noise, trajectory[:, -1] the sample x)."""
+    """DMD1's fixed pairs, computed once before training: {label, trajectory[, guidance]}, the
+    teacher's `regression_steps`-step DDIM trajectory (guided if conditional; with a
+    `guidance_range`, at a w drawn per pair) from stored noise, kept at t = m / M for m = M..0
+    (trajectory[:, 0] the noise, trajectory[:, -1] the sample x)."""
     grid = self.regression_grid()
-    return teacher_couplings(self.denoiser, self.schedule, teacher_params, self.data_shape,
-                             num_pairs, seed, grid, -(-self.regression_steps // grid),
-                             self.guidance, batch_size)
+    guidance = self.guidance
+    if self.guidance_range:
+      guidance = draw_guidance(jax.random.fold_in(jax.random.key(seed), 2), num_pairs,
+                               self.guidance_range)
+    pairs = teacher_couplings(self.denoiser, self.schedule, teacher_params, self.data_shape,
+                              num_pairs, seed, grid, -(-self.regression_steps // grid), guidance,
+                              batch_size)
+    return dict(pairs, guidance=guidance) if self.guidance_range else pairs
 
   def regression_loss(self, params, pairs, steps, rng):
     """Step k of K from the teacher's ODE state at t_k = (K - k) / K must land on its state at
@@ -193,9 +205,10 @@ class DistributionMatchingObjective(state_lib.Objective):
     stride = self.regression_grid() // steps                    # grid points per generator step
     z_t, z_s = pairs["trajectory"][pick, k * stride], pairs["trajectory"][pick, (k + 1) * stride]
     label = pairs["label"][pick] if self.denoiser.num_classes else None
-    return self._regress_step(params, z_t, z_s, z_s, *self._segment(steps, k), label, steps)
+    w = pairs["guidance"][pick] if self.guidance_range else None
+    return self._regress_step(params, z_t, z_s, z_s, *self._segment(steps, k), label, steps, w)
 
-  def data_regression_loss(self, params, teacher_params, x_data, label, steps, rng):
+  def data_regression_loss(self, params, teacher_params, x_data, label, steps, rng, w=None):
     """`regression_source='data'`, progressive-style: step k starts from data noised to t_k,
     z_t = alpha_t x + sigma_t eps (the teacher ODE's marginal at t_k), and the teacher runs its
     segment t_k -> s_k online in ceil(regression_steps / min K) DDIM substeps. Fresh states every
@@ -203,11 +216,11 @@ class DistributionMatchingObjective(state_lib.Objective):
     rng_k, rng_eps = jax.random.split(rng)
     t, s = self._segment(steps, draw_step_index(rng_k, steps))
     z_t, _ = forward_process(x_data, t, jax.random.normal(rng_eps, x_data.shape), self.schedule)
-    predict = lambda z, logsnr: self.denoiser.predict_guided(teacher_params, z, logsnr, label,
-                                                             self.guidance)
+    predict = lambda z, logsnr: self.denoiser.predict_guided(
+        teacher_params, z, logsnr, label, self.guidance if w is None else w)
     substeps = -(-self.regression_steps // min(self.step_counts()))
     z_s, x_end = ddim_segment(predict, self.schedule, z_t, t, s, substeps)
-    return self._regress_step(params, z_t, z_s, x_end, t, s, label, steps)
+    return self._regress_step(params, z_t, z_s, x_end, t, s, label, steps, w)
 
   @staticmethod
   def _segment(steps, k):
@@ -215,10 +228,10 @@ class DistributionMatchingObjective(state_lib.Objective):
     k_total = steps.astype(jnp.float32)
     return (k_total - k) / k_total, (k_total - k - 1) / k_total
 
-  def _regress_step(self, params, z_t, z_s, x_at_end, t, s, label, steps):
+  def _regress_step(self, params, z_t, z_s, x_at_end, t, s, label, steps, w=None):
     """MSE of G(z_t) to x_target, the x of the one DDIM step z_t -> z_s (x_at_end at s = 0)."""
     x_target = ddim_x_target(z_t, z_s, x_at_end, self.schedule(t), self.schedule(s), s)
-    return jnp.mean(per_example_mse(self.generate(params, z_t, t, label, steps),
+    return jnp.mean(per_example_mse(self.generate(params, z_t, t, label, steps, w),
                                     jax.lax.stop_gradient(x_target)))
 
   def bottleneck_channels(self, params):
@@ -228,14 +241,17 @@ class DistributionMatchingObjective(state_lib.Objective):
     return features.shape[-1]
 
   # ---------------------------------------------------------------- the networks
-  def _predict(self, params, z, t, label, guidance=0.0, steps=None):
-    """`steps` (K per example) reaches only step-conditioned params: never the teacher's."""
+  def _predict(self, params, z, t, label, guidance=0.0, steps=None, told=None):
+    """`steps` (K per example) reaches only step-conditioned params: never the teacher's.
+    `guidance`: two-pass CFG at w (the teacher); `told`: the w a guidance-conditioned network is
+    told (generator and critic with a `guidance_range`)."""
     logsnr = self.schedule(t)
-    if guidance:
+    if not (isinstance(guidance, (int, float)) and guidance == 0):
       return self.denoiser.predict_guided(params, z, logsnr, label, guidance, steps)
-    predict = lambda p, z, logsnr, label, steps: self.denoiser.predict(p, z, logsnr, label, steps=steps)
+    predict = lambda p, z, logsnr, label, steps, told: self.denoiser.predict(
+        p, z, logsnr, label, steps=steps, guidance=told)
     fn = jax.checkpoint(predict) if self.remat else predict
-    return fn(params, z, logsnr, label, steps)
+    return fn(params, z, logsnr, label, steps, told)
 
   def draw_step_counts(self, rng, batch):
     """K per example: `generator_steps`, or uniform over `unify_steps` (TDM-unify)."""
@@ -266,7 +282,7 @@ class DistributionMatchingObjective(state_lib.Objective):
     k = jnp.round(steps * (1.0 - t_k)).astype(jnp.int32)
     return jnp.asarray(offsets)[steps] + k + 1
 
-  def rollout(self, params, noise, label, steps, rng):
+  def rollout(self, params, noise, label, steps, rng, w=None):
     """(z_{t_k}, t_k) per example, k ~ U{0..K-1}, from k generator steps without gradient."""
     rng_k, rng_noise = jax.random.split(rng)
     k = draw_step_index(rng_k, steps)
@@ -275,7 +291,7 @@ class DistributionMatchingObjective(state_lib.Objective):
     z, z_k = noise, noise
     for j in range(max(self.step_counts()) - 1):
       t_j = (k_total - j) / k_total
-      pred = self._predict(params, z, t_j, label, steps=steps)
+      pred = self._predict(params, z, t_j, label, steps=steps, told=w)
       if self.clip_x:             # the trajectory the sampler will take (sampling.sample)
         pred = clip_x0(pred, z, self.schedule(t_j))
       s_j = jnp.maximum(k_total - j - 1, 0.0) / k_total
@@ -286,12 +302,12 @@ class DistributionMatchingObjective(state_lib.Objective):
       z_k = jnp.where(broadcast_to_data(k == j + 1, z), z, z_k)
     return jax.lax.stop_gradient(z_k), (k_total - k) / k_total
 
-  def generate(self, params, z_k, t_k, label, steps):
-    return self._predict(params, z_k, t_k, label, steps=steps).x0
+  def generate(self, params, z_k, t_k, label, steps, w=None):
+    return self._predict(params, z_k, t_k, label, steps=steps, told=w).x0
 
-  def generate_step(self, params, z_k, t_k, label, steps):
+  def generate_step(self, params, z_k, t_k, label, steps, w=None):
     """The generator's step t_k -> s_k: its Prediction (x_hat, eps_hat)."""
-    return self._predict(params, z_k, t_k, label, steps=steps)
+    return self._predict(params, z_k, t_k, label, steps=steps, told=w)
 
   def gan_logit(self, critic_params, z_t, t, label):
     _, (features,) = self.denoiser.predict_with_features(critic_params["score"], z_t, self.schedule(t), label)
@@ -331,13 +347,15 @@ class DistributionMatchingObjective(state_lib.Objective):
     return z_t, t, logsnr, trajectory_importance_weight(eps_mix, eps)
 
   # ---------------------------------------------------------------- losses
-  def critic_loss(self, critic_params, generated, x_data, label, steps, t_k, rng, frozen=None):
+  def critic_loss(self, critic_params, generated, x_data, label, steps, t_k, rng, frozen=None,
+                  w=None):
     """`generated`: sg of the generator's Prediction (x_hat, eps_hat) at the rolled-out step."""
     critic_params = self.full_critic(critic_params, frozen)
     x_generated = generated.x0
     rng_noise, rng_gan = jax.random.split(rng)
     z_t, t, logsnr, weight = self.noise_generated(generated, t_k, steps, rng_noise)
-    pred = self._predict(critic_params["score"], z_t, t, label, steps=self.critic_step_ids(steps, t_k))
+    pred = self._predict(critic_params["score"], z_t, t, label,
+                         steps=self.critic_step_ids(steps, t_k), told=w)
     # DMD2: the teacher's weighting (v_mse); TDM: x0-MSE x min(SNR, gamma), 'tdm' x its importance weight
     loss = jnp.mean(weight * weighted_x_loss(pred.x0, x_generated, logsnr, self.critic_weighting,
                                               self.min_snr_gamma))
@@ -353,16 +371,16 @@ class DistributionMatchingObjective(state_lib.Objective):
     return loss, metrics
 
   def generator_loss(self, params, critic_params, teacher_params, z_k, t_k, label, steps, rng,
-                     regression=None, x_data=None, frozen=None):
+                     regression=None, x_data=None, frozen=None, w=None):
     params, critic_params = self.full(params, frozen), self.full_critic(critic_params, frozen)
     rng_noise, rng_gan, rng_pairs = jax.random.split(rng, 3)
-    generated = self.generate_step(params, z_k, t_k, label, steps)
+    generated = self.generate_step(params, z_k, t_k, label, steps, w)
     x = generated.x0
     z_t, t, _, _ = self.noise_generated(jax.lax.stop_gradient(generated), t_k, steps, rng_noise,
                                         self.t_min, self.t_max)
-    x_real = self._predict(teacher_params, z_t, t, label, self.guidance).x0
+    x_real = self._predict(teacher_params, z_t, t, label, self.guidance if w is None else w).x0
     x_fake = self._predict(critic_params["score"], z_t, t, label,
-                           steps=self.critic_step_ids(steps, t_k)).x0
+                           steps=self.critic_step_ids(steps, t_k), told=w).x0
     x_real, x_fake = jax.lax.stop_gradient(x_real), jax.lax.stop_gradient(x_fake)
     axes = tuple(range(1, x.ndim))
     if self.variant == "dmd2":
@@ -380,7 +398,7 @@ class DistributionMatchingObjective(state_lib.Objective):
     if self.regression_weight > 0:      # the teacher's ODE: DMD1 (K = 1), each step (K > 1)
       if self.regression_source == "data":
         regression_loss = self.data_regression_loss(params, teacher_params, x_data, label, steps,
-                                                    rng_pairs)
+                                                    rng_pairs, w)
       elif regression is None:
         raise ValueError("config.dmd.regression_weight > 0 needs frozen.regression = "
                          "objective.regression_pairs(teacher_params, n) (the driver computes it)")
@@ -414,13 +432,15 @@ class DistributionMatchingObjective(state_lib.Objective):
     rng_noise, rng_steps, rng_roll, rng_critic, rng_gen = jax.random.split(rng, 5)
     noise = jax.random.normal(rng_noise, batch["x"].shape)
     steps = self.draw_step_counts(rng_steps, noise.shape[0])
+    w = (draw_guidance(jax.random.fold_in(rng, 11), noise.shape[0], self.guidance_range)
+         if self.guidance_range else None)
 
     # the critic: denoise the generator's current samples
     generator_params = self.full(state.generator.params, frozen)
-    z_k, t_k = self.rollout(generator_params, noise, label, steps, rng_roll)
-    generated = jax.lax.stop_gradient(self.generate_step(generator_params, z_k, t_k, label, steps))
+    z_k, t_k = self.rollout(generator_params, noise, label, steps, rng_roll, w)
+    generated = jax.lax.stop_gradient(self.generate_step(generator_params, z_k, t_k, label, steps, w))
     (critic_loss, critic_metrics), critic_grads = jax.value_and_grad(self.critic_loss, has_aux=True)(
-        state.critic.params, generated, batch["x"], label, steps, t_k, rng_critic, frozen)
+        state.critic.params, generated, batch["x"], label, steps, t_k, rng_critic, frozen, w)
     critic, critic_update = state_lib.optimizer_update(    # lr by train_step calls
         state.critic, critic_grads, self.critic_optimizer, self.critic_optim, self.num_steps,
         step=state.step)
@@ -429,7 +449,7 @@ class DistributionMatchingObjective(state_lib.Objective):
     def generator_update(_):
       (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
           state.generator.params, critic.params, teacher, z_k, t_k, label, steps, rng_gen,
-          frozen.regression, batch["x"], frozen)
+          frozen.regression, batch["x"], frozen, w)
       generator, update = state_lib.optimizer_update(
           state.generator, grads, self.generator_optimizer, self.generator_optim,
           self.num_steps // self.critic_updates_per_generator)
