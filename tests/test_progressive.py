@@ -116,12 +116,12 @@ def _exact_sampler(sched):
   """The evaluator's Sampler over the exact Gaussian denoiser (3-D data)."""
   from jdistill.eval.evaluate import Sampler
 
-  class Exact:
-    num_classes = 0
+  from jdistill.models.denoiser import Denoiser
 
-    def predict(self, params, z, logsnr, label, steps=None, interval=None):
+  class Exact(Denoiser):
+    def predict_with_guidance(self, params, z, logsnr, *unused, **unused_keywords):
       return exact_gaussian_denoiser(z, logsnr)
-  return Sampler(Exact(), sched, (3,), clip_x=False, batch_size=8)
+  return Sampler(Exact(module=None, parameterization="x"), sched, (3,), clip_x=False, batch_size=8)
 
 
 def test_sampler_follows_a_grid_with_one_compilation_for_every_grid():
