@@ -1,11 +1,27 @@
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for every process of the suite (both pytest-xdist workers and the
+# subprocesses of the kill, resume, sharding and multi-process tests): a program compiled by one
+# test is loaded, not compiled again, by the next that builds it. Compiled programs are keyed by
+# their HLO, options and jax version, so results are those of a fresh compile.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "jdistill-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
 from jdistill.config import base_config  # noqa: E402
+
+
+def perturbed(params, scale, seed):
+  """params + scale * N(0, 1) noise drawn with key `seed`, in one jitted call (drawn eagerly, each
+  leaf's shape compiles a program of its own: seconds per model on 2 cores)."""
+  import jax
+  return jax.jit(lambda tree: jax.tree.map(
+      lambda p: p + scale * jax.random.normal(jax.random.key(seed), p.shape), tree))(params)
 
 
 def tiny_unet(config):

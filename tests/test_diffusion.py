@@ -8,6 +8,8 @@ import pytest
 from jdistill.diffusion import losses, sampling, schedules
 from jdistill.diffusion import parameterization as P
 
+from conftest import tiny_teacher_params, tiny_unet
+
 
 def schedule(name="cosine", **kw):
   c = ml_collections.ConfigDict(dict(name=name, num_train_timesteps=1000, beta_start=0.00085,
@@ -199,21 +201,19 @@ def test_classifier_free_guidance_combination():
 
 
 def test_conditional_unet_and_classifier_free_guidance():
-  from jdistill.models.unet import UNet
-  from jdistill.models.denoiser import Denoiser
-  module = UNet(out_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4,
-                num_classes=10)
-  denoiser = Denoiser(module, "v", num_classes=10)
-  params = denoiser.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)))["params"]
-  # make the output depend on the input (the last conv starts at ~0)
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  from jdistill.config import base_config
+  from jdistill.models.denoiser import make_denoiser
+  config = tiny_unet(base_config("digits_cond"))
+  denoiser = make_denoiser(config.model, (8, 8, 1), "v")
+  params = jax.tree.map(jnp.asarray, tiny_teacher_params(config, 0))   # outputs depend on the input
   z = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
   logsnr = jnp.array([-2.0, 0.0, 2.0])
   label = jnp.array([1, 2, 3])
-  conditional = denoiser.predict(params, z, logsnr, label)
-  unconditional = denoiser.predict(params, z, logsnr, jnp.full((3,), 10))
+  predict, predict_guided = jax.jit(denoiser.predict), jax.jit(denoiser.predict_guided)
+  conditional = predict(params, z, logsnr, label)
+  unconditional = predict(params, z, logsnr, jnp.full((3,), 10))
   assert float(jnp.abs(conditional.x0 - unconditional.x0).max()) > 1e-4   # the label matters
-  np.testing.assert_allclose(denoiser.predict_guided(params, z, logsnr, label, 0.0).x0,
+  np.testing.assert_allclose(predict_guided(params, z, logsnr, label, 0.0).x0,
                              conditional.x0, atol=1e-5)
-  guided = denoiser.predict_guided(params, z, logsnr, label, 2.0)
+  guided = predict_guided(params, z, logsnr, label, 2.0)
   np.testing.assert_allclose(guided.eps, 3.0 * conditional.eps - 2.0 * unconditional.eps, atol=1e-4)

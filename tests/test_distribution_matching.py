@@ -21,6 +21,8 @@ from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, setup
 from jdistill import partitioning
 
+from conftest import perturbed
+
 
 def _setup(tmp_path, variant="dmd2", **dmd):
   config = dm_method.get_config("toy2d", variant)
@@ -30,7 +32,7 @@ def _setup(tmp_path, variant="dmd2", **dmd):
   exp = setup.build(config, str(tmp_path), evaluator=False)
   objective = dm_method.make_objective(exp, 100)
   teacher = jax.jit(lambda r: nn.unbox(exp.denoiser.init(r, jnp.zeros((1, 2)))["params"]))(jax.random.key(0))
-  teacher = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), teacher)
+  teacher = perturbed(teacher, 0.05, 1)
   return exp, objective, teacher
 
 
@@ -71,7 +73,7 @@ def test_generator_gradient_vanishes_when_fake_score_equals_real_score(tmp_path,
     return float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
 
   assert grad_norm(teacher) < 1e-6
-  perturbed = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(6), p.shape), teacher)
+  perturbed = perturbed(teacher, 0.05, 6)
   assert grad_norm(perturbed) > 1e-3
 
 
@@ -433,7 +435,7 @@ def test_tdm_and_fresh_noise_differ_at_every_step_but_the_last(tmp_path):
   steps = one_step.draw_step_counts(jax.random.key(0), 64)
   z_k = jax.random.normal(jax.random.key(1), (64, 2))
   t_k = jnp.ones((64,))
-  critic = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(6), p.shape), teacher)
+  critic = perturbed(teacher, 0.05, 6)
   critic = {"score": critic, "gan_head": {}}
   generated = one_step.generate_step(teacher, z_k, t_k, None, steps)
   x_data = jax.random.normal(jax.random.key(7), (64, 2))

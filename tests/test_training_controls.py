@@ -168,15 +168,15 @@ def test_feature_weight_schedules_against_hand_values():
 
 def test_feature_distillation_trains_on_unet_activations(tmp_path):
   import configs.progressive as progressive_config
-  from conftest import tiny_unet
+  from conftest import perturbed, tiny_unet
   config = tiny_unet(progressive_config.get_config("digits"))
   config.features.update(layers=("down_1", "bottleneck"), weight_start=1.0, weight_end=0.0)
   exp = setup.build(config, str(tmp_path), evaluator=False)
   objective = progressive.make_objective(exp)
   compiled = loop.compile_step(objective, exp.mesh)
   teacher = loop.init_state(objective, compiled, jax.random.key(0)).params
-  teacher = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), teacher)
-  student = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape), teacher)
+  teacher = perturbed(teacher, 0.02, 1)
+  student = perturbed(teacher, 0.02, 2)
   state = jax.jit(objective.new_state)(student)
   stage = progressive_math.make_stage(progressive_math.nested_grids([4, 2]), 0, 10)
   batch = {"x": np.asarray(exp.train_source.records.x[:16]), "label": np.zeros(16, np.int32)}

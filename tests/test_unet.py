@@ -10,6 +10,8 @@ import pytest
 
 from jdistill.models.unet import Conv, GroupNorm
 
+from conftest import perturbed
+
 
 @pytest.mark.parametrize("shape, features, kernel, stride", [
     ((2, 2, 3, 6), 4, 3, 1),     # 2x3 map, 3x3 kernel: the matmul path
@@ -41,7 +43,7 @@ def test_group_norm_equals_nn_group_norm(shape, groups):
   ours, reference = GroupNorm(groups), nn.GroupNorm(num_groups=groups)
   params = nn.unbox(ours.init(jax.random.key(1), x))
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference.init(jax.random.key(1), x))
-  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+  params = perturbed(params, 0.3, 2)
   loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)) * x)
   np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=2e-5, rtol=1e-5)
   (g_params, g_x), (r_params, r_x) = (jax.grad(loss(m), argnums=(0, 1))(params, x)
