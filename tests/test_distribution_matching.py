@@ -73,8 +73,8 @@ def test_generator_gradient_vanishes_when_fake_score_equals_real_score(tmp_path,
     return float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
 
   assert grad_norm(teacher) < 1e-6
-  perturbed = perturbed(teacher, 0.05, 6)
-  assert grad_norm(perturbed) > 1e-3
+  other = perturbed(teacher, 0.05, 6)
+  assert grad_norm(other) > 1e-3
 
 
 def test_update_ratio_is_respected(tmp_path):
