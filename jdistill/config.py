@@ -297,6 +297,8 @@ def check_student_guidance(config):
         "a guidance-conditioned student needs a class-conditional teacher (e.g. preset digits_cond)")
   check(config.diffusion.label_dropout > 0, "diffusion.label_dropout",
         "the teacher must have learned the null class that CFG guides with (label_dropout > 0)")
+  check(config.model.name in ("unet", "dit", "mlp"), "model.name",
+        f"{config.model.name!r} has no guidance embedding (jdistill's 'unet', 'dit' and 'mlp' do)")
   check(config.diffusion.guidance == 0, "diffusion.guidance",
         "a guidance-conditioned student learns every w of student_guidance; one fixed teacher "
         "guidance must stay 0")

@@ -180,7 +180,8 @@ def test_validation_names_the_field():
                          ({"diffusion.label_dropout": 0.0}, "diffusion.label_dropout"),
                          ({"student_guidance.w_max": 0.0}, "student_guidance.w_max"),
                          ({"student_guidance.w_min": 5.0}, "student_guidance.w_min"),
-                         ({"guided.stage2_eval_steps": (3,)}, "guided.stage2_eval_steps")]:
+                         ({"guided.stage2_eval_steps": (3,)}, "guided.stage2_eval_steps"),
+                         ({"model.name": "diffusers_unet"}, "model.name")]:
     with pytest.raises(ConfigError, match=field):
       methods.validate(config_with(**changes), 1)
   methods.validate(guided_method.get_config(), 1)
