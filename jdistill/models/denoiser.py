@@ -4,6 +4,8 @@
 
 Any Flax Linen module plugs in if its `__call__(z, time, label=None, train=False)` returns the
 raw output (data channels, or twice that for the 'both' parameterization); see docs/architecture.md.
+A module that a method extends also takes `steps=` (TDM-unify), `interval=` (flow maps) or
+`guidance=` (guidance-conditioned students), each None when unused.
 The Denoiser hands the module the state and time it was trained on: z in its `path`'s coordinates
 (diffusion/parameterization.py) and `time_input` of the noise level: 'logsnr' (jdistill's own
 networks), the flow path's tau ('t') or 1000 tau ('t1000', SD3's and Flux's timesteps), or the
