@@ -108,14 +108,21 @@ class FDEvaluator:
     self.sampler, self.num_samples, self.seed = sampler, num_samples, seed
     self.final_num_samples = final_num_samples or num_samples     # the end-of-run tables
     self.features = features_lib.feature_fn(feature_name, inception_weights)
-    conditional = bool(getattr(sampler.denoiser, "num_classes", 0))   # (metric tests: no denoiser)
-    self.classify = features_lib.classifier_fn(feature_name) if conditional else None
+    self.feature_name = feature_name
     self.reference = pipeline.all_examples(reference_source)["x"]
     self.reference_features = self.features(self.reference)
     self.reference_stats = frechet.gaussian_stats(self.reference_features)
     self.is_2d = len(sampler.data_shape) == 1
     self.training_source, self.neighbour_examples = training_source, neighbour_examples
     self.teacher, self._teacher_features, self._data_floors = None, {}, {}
+
+  @functools.cached_property
+  def classify(self):
+    """images -> classes, for the class accuracy of conditional samples (None: an unconditional
+    model, or a feature net that is no classifier); loaded at the first evaluation."""
+    if not self.sampler.denoiser.num_classes:
+      return None
+    return features_lib.classifier_fn(self.feature_name)
 
   @property
   def final_reuses_training_count(self) -> bool:

@@ -4,10 +4,10 @@ one guidance-conditioned student, w ~ U[w_min, w_max] per example; stage 2 halve
 progressive distillation (methods/progressive.py `run_stages`), every target at the example's w.
 One student serves every w, in one pass per step.
 
-The summary gives, at each w of `student_guidance.summary_w`: FD, FD to the CFG teacher at that w and
-the class accuracy (digits classifier) of the CFG teacher (two passes per step) and the stage-1
-student at `guided.eval_steps`, and of the stage-2 students at `guided.stage2_eval_steps`, with
-ms per sample."""
+The summary gives, at each w of `student_guidance.summary_w`: FD, FD to the CFG teacher at that
+w and the class accuracy (digits classifier) of the CFG teacher (two passes per step) and the
+stage-1 student at `guided.eval_steps`, and of the stage-2 students at
+`guided.stage2_eval_steps`, with ms per sample."""
 from __future__ import annotations
 
 import os
@@ -95,15 +95,14 @@ def train(config, workdir: str):
   common.export(student, config, os.path.join(directory, EXPORT), "ddim", steps[0],
                 guidance=w.eval_w)
 
-  grids = {}
-  students = progressive.run_stages(
-      exp, progressive.make_objective(exp, w_range), steps, student,
-      lambda directory, k, n, params, last_eval, grid: (n, grid), lambda row: grids.update([row]),
-      guidance=w.eval_w)
+  students = progressive.run_stages(exp, progressive.make_objective(exp, w_range), steps, student,
+                                    guidance=w.eval_w)
+  grids = progressive.nested_grids(steps)
 
   models = ([("CFG teacher (2 passes)", teacher, n, "ddim", None) for n in g.eval_steps]
             + [("guided student", student, n, "ddim", None) for n in g.eval_steps]
-            + [("stage-2 student", students[n], n, "ddim", grids[n])
+            + [("stage-2 student", students[n], n, "ddim",
+                progressive.grid_times(grids, steps.index(n)))
                for n in g.stage2_eval_steps if n in students])
   rows = common.guidance_rows(exp, teacher, steps[0], models, w.summary_w)
   common.write_guidance_summary(

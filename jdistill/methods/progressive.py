@@ -177,19 +177,19 @@ def train(config, workdir: str):
   logging.info("Original teacher: %d DDIM steps, FD %.4g, %.3f ms/sample", steps[0], teacher_fd, teacher_ms)
   rows = [dict(stage="teacher", steps=steps[0], student_fd=teacher_fd, ddim_fd=teacher_fd,
                ms_per_sample=teacher_ms, speedup=1.0, **other_metrics(teacher_result))]
-  row = lambda directory, k, n, student, last_eval, grid: stage_row(
-      exp, directory, k, n, student, original_teacher, teacher_ms, last_eval, grid)
-  students = run_stages(exp, make_objective(exp), steps, original_teacher, row, rows.append)
+  on_stage = lambda directory, k, n, student, last_eval, grid: rows.append(stage_row(
+      exp, directory, k, n, student, original_teacher, teacher_ms, last_eval, grid))
+  students = run_stages(exp, make_objective(exp), steps, original_teacher, on_stage)
   write_summary(workdir, rows, time.time() - run_start, steps, exp)
   return students[steps[-1]]
 
 
-def run_stages(exp, objective, steps, original_teacher, stage_row, on_row, guidance: float = 0.0):
+def run_stages(exp, objective, steps, original_teacher, on_stage=None, guidance: float = 0.0):
   """The stage loop of schedule `steps` from `original_teacher` (the stage-1 student of guided
   distillation): each stage trains its student through the one compiled step, keeps its best
-  checkpoint, exports it, and passes `stage_row(directory, k, n_student, student, last_eval,
-  grid)` to `on_row`. `guidance`: the w that evaluations tell a guidance-conditioned student.
-  Returns {N: the N-step student} of the stages run."""
+  checkpoint, exports it, and calls `on_stage(directory, k, n_student, student, last_eval, grid)`.
+  `guidance`: the w that evaluations tell a guidance-conditioned student. Returns {N: the N-step
+  student} of the stages run."""
   config, workdir, p = exp.config, exp.workdir, exp.config.progressive
   num_stages = len(steps) - 1
   grids = nested_grids(steps)
@@ -247,7 +247,8 @@ def run_stages(exp, objective, steps, original_teacher, stage_row, on_row, guida
     student = objective.eval_params(trained.state, frozen)
     common.export(student, config, os.path.join(directory, EXPORT), "ddim", n_student, grid,
                   guidance)
-    on_row(stage_row(directory, k, n_student, student, last_eval, grid))
+    if on_stage is not None:
+      on_stage(directory, k, n_student, student, last_eval, grid)
     teacher = students[n_student] = student
   common.export(teacher, config, os.path.join(workdir, EXPORT), "ddim", steps[-1],
                 grid_times(grids, num_stages), guidance)

@@ -120,7 +120,7 @@ class Denoiser:
     if is_guidance_conditioned(params):
       return self.predict(params, z, logsnr, cond, steps=steps, interval=interval,
                           guidance=guidance)
-    if isinstance(guidance, (int, float)) and guidance == 0:
+    if is_unguided(guidance):
       return self.predict(params, z, logsnr, cond, steps=steps, interval=interval)
     return self.predict_guided(params, z, logsnr, cond, guidance, steps)
 
@@ -149,6 +149,12 @@ def is_flow_map(params) -> bool:
 
 def is_guidance_conditioned(params) -> bool:
   return "guidance_embedding" in params
+
+
+def is_unguided(guidance) -> bool:
+  """Whether a CFG weight is a static 0 (a Python number): the model is asked once, unguided. An
+  array (one w per example, maybe traced) always guides."""
+  return isinstance(guidance, (int, float)) and guidance == 0
 
 
 def with_zero_embedding(denoiser: "Denoiser", params, example_z, **which):

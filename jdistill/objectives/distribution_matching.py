@@ -49,7 +49,7 @@ from jdistill.diffusion.parameterization import broadcast_to_data, clip_x0, forw
 from jdistill.diffusion.sampling import (ddim_segment, ddim_step, ddim_x_target, renoise_step,
                                          teacher_couplings)
 from jdistill.diffusion.schedules import alpha_sigma
-from jdistill.models.denoiser import with_zero_embedding
+from jdistill.models.denoiser import is_unguided, with_zero_embedding
 from jdistill.models.unet import MAX_STEPS
 from jdistill.objectives import state as state_lib
 from jdistill.objectives.guided import draw_guidance
@@ -246,7 +246,7 @@ class DistributionMatchingObjective(state_lib.Objective):
     `guidance`: two-pass CFG at w (the teacher); `told`: the w a guidance-conditioned network is
     told (generator and critic with a `guidance_range`)."""
     logsnr = self.schedule(t)
-    if not (isinstance(guidance, (int, float)) and guidance == 0):
+    if not is_unguided(guidance):
       return self.denoiser.predict_guided(params, z, logsnr, label, guidance, steps)
     predict = lambda p, z, logsnr, label, steps, told: self.denoiser.predict(
         p, z, logsnr, label, steps=steps, guidance=told)
