@@ -44,10 +44,11 @@ flags.DEFINE_enum("mode", None, ["ddim", "euler", "ancestral", "renoise", "flowm
                   "map's steps (flowmap: MeanFlow); re-noising for DMD2 generators and "
                   "consistency models. Default: the "
                   "exported model's, else the method's.")
-flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w: told to a guided student "
-                   "(one pass per step), two-pass CFG for a class-conditional teacher. Default: the exported "
-                   "model's; else config.diffusion.guidance for a teacher run, 0 for distilled "
-                   "students (they learned unguided targets or the guided distribution itself).",
+flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w: told to a guided "
+                   "student (one pass per step), two-pass CFG for a class-conditional teacher. "
+                   "Default: the exported model's; else config.diffusion.guidance for a teacher "
+                   "run, 0 for other distilled students (they learned unguided targets or the "
+                   "guided distribution itself).",
                    lower_bound=0.0)
 flags.DEFINE_bool("fd", False, "Also print the samples' FD against the held-out split (config.eval.features).")
 flags.DEFINE_integer("fd_repeats", 1, "With --fd: FD for this many noise seeds (--seed onwards), "

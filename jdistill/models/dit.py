@@ -4,8 +4,8 @@ Patches (a convolution with kernel = stride = patch size) plus a fixed 2-D sin-c
 embedding; a conditioning vector c = MLP(sinusoid(time)) + label embedding (+ the zero-initialised
 embeddings of a generator's step count, a flow map's interval and a student's guidance weight);
 `depth` adaLN-Zero blocks (LayerNorm without affine, shift / scale / gate from c, self-attention,
-a GELU(tanh) MLP of ratio 4); the final adaLN layer; unpatchify. Submodules carry diffusers' names so `dit_params_from_diffusers` maps a diffusers state
-dict onto these params key by key. diffusers keeps a copy of the time and label embedders in
+a GELU(tanh) MLP of ratio 4); the final adaLN layer; unpatchify. Submodules carry diffusers'
+names so `dit_params_from_diffusers` maps a diffusers state dict onto these params key by key. diffusers keeps a copy of the time and label embedders in
 every block (all equal in DiT checkpoints, which share one); here there is one.
 """
 from __future__ import annotations

@@ -21,8 +21,8 @@ BUNDLED_DIGITS_FLOW_TEACHER = os.path.join(BUNDLED_DIR, "digits_flow_teacher.msg
 
 def bundled_teacher_path(config):
   """The bundled teacher of the config's data, classes and path (digits, digits_flow,
-  digits_cond; the toy2d checkerboard) if the config's model and diffusion match the ones it was trained with; None
-  otherwise. A mismatch is an error naming the field."""
+  digits_cond; the toy2d checkerboard) if the config's model and diffusion match the ones it was
+  trained with; None otherwise. A mismatch is an error naming the field."""
   name = {"digits": "digits", "toy2d": config.data.name}.get(config.data.source)
   if name is None:
     return None
