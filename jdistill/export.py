@@ -1,18 +1,23 @@
-"""Export a jdistill model of a diffusers architecture back to a diffusers folder.
+"""Export a jdistill student (or teacher) as a diffusers folder that samples as it does here.
 
-  python -m jdistill.export --checkpoint=runs/pd/student.msgpack --out=DIR
+  python -m jdistill.export --checkpoint=runs/pd/student.msgpack --out=DIR [--guidance=W]
 
-DIR gets `unet/` (config.json and diffusion_pytorch_model.safetensors, the inverse of
-jdistill.convert's mapping) and `scheduler/` (scheduler_config.json) set for the model's step
-count: a DDPM-schedule model gets DDIMScheduler with 'trailing' timestep spacing, whose N steps
-are jdistill's uniform grid t_i = i / N (timestep t T - 1) ending on x itself (set_alpha_to_one);
-a flow model gets FlowMatchEulerDiscreteScheduler with its shift. A model exported on a
-non-uniform grid (progressive distillation's nested grids) records its timesteps under
-`jdistill_timesteps` in the scheduler config, for `scheduler.set_timesteps(timesteps=...)`.
+DIR gets `unet/` (a UNet2DModel: config.json and diffusion_pytorch_model.safetensors) and
+`scheduler/` (a DDIMScheduler's scheduler_config.json, 'trailing' spacing, ending on x itself),
+set for the model's step count N; `jdistill_steps` and `jdistill_guidance` record N and w.
+- jdistill's own U-Net ('unet', the VP path): diffusers' blocks, a learned time table and the
+  scheduler's betas read off jdistill's schedule at T = N m >= 1000 timesteps laid along the
+  model's grid (uniform or nested), so `scheduler.set_timesteps(N)` steps exactly that grid. A
+  step-count or guidance embedding is folded in at N and w (`--guidance`).
+- a converted UNet2DModel ('diffusers_unet'): the inverse of jdistill.convert's mapping, with its
+  own DDPM scheduler (N trailing steps are t_i = i / N, timestep t T - 1); a flow model gets
+  FlowMatchEulerDiscreteScheduler with its shift. Such a model on a non-uniform grid records its
+  timesteps under `jdistill_timesteps` (DDIM's own loop steps uniformly).
 """
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import jax
 import numpy as np
@@ -54,43 +59,119 @@ def scheduler_config(exported: dict) -> dict:
               "shift": float(schedule.get("shift", 1.0))}
     times = lambda t: 1000.0 * shift_time(np.asarray(t, np.float64), config["shift"])
   elif schedule["name"] in ("linear", "scaled_linear"):
-    if diffusion["parameterization"] not in PREDICTION_TYPES:
-      raise ConversionError(f"diffusion.parameterization={diffusion['parameterization']!r} has no "
-                            f"diffusers prediction_type; one of {tuple(PREDICTION_TYPES)}")
-    config = {"_class_name": "DDIMScheduler", "num_train_timesteps": schedule["num_train_timesteps"],
-              "beta_schedule": schedule["name"], "beta_start": schedule["beta_start"],
-              "beta_end": schedule["beta_end"],
-              "rescale_betas_zero_snr": bool(schedule.get("zero_terminal_snr", False)),
-              "prediction_type": PREDICTION_TYPES[diffusion["parameterization"]],
-              "clip_sample": bool(diffusion.get("clip_x", True)), "clip_sample_range": 1.0,
-              "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "trailing"}
+    config = ddim_config(schedule["num_train_timesteps"], diffusion,
+                         beta_schedule=schedule["name"], beta_start=schedule["beta_start"],
+                         beta_end=schedule["beta_end"],
+                         rescale_betas_zero_snr=bool(schedule.get("zero_terminal_snr", False)))
     times = lambda t: np.asarray(t, np.float64) * config["num_train_timesteps"] - 1.0
   else:
     raise ConversionError(f"diffusion.schedule.name={schedule['name']!r} has no diffusers "
                           "scheduler here ('linear', 'scaled_linear' or 'flow')")
-  config["jdistill_steps"] = int(sampling.get("steps", 1))
   if sampling.get("grid") is not None:           # the model's own (non-uniform) grid
     config["jdistill_timesteps"] = [float(v) for v in times(sampling["grid"][:0:-1])]
   return config
 
 
-def export(checkpoint: str, out: str) -> dict:
+def ddim_config(num_train_timesteps: int, diffusion: dict, **schedule) -> dict:
+  """DDIMScheduler, deterministic with 'trailing' spacing: N steps over T timesteps are k = T - 1,
+  T - 1 - T / N, ..., T / N - 1, and the last lands on x itself (set_alpha_to_one)."""
+  if diffusion["parameterization"] not in PREDICTION_TYPES:
+    raise ConversionError(f"diffusion.parameterization={diffusion['parameterization']!r} has no "
+                          f"diffusers prediction_type; one of {tuple(PREDICTION_TYPES)}")
+  return {"_class_name": "DDIMScheduler", "num_train_timesteps": num_train_timesteps, **schedule,
+          "prediction_type": PREDICTION_TYPES[diffusion["parameterization"]],
+          "clip_sample": bool(diffusion.get("clip_x", True)), "clip_sample_range": 1.0,
+          "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "trailing"}
+
+
+def grid_table(exported: dict):
+  """(num_train_timesteps T, the time t_k of each timestep k < T) of the exported scheduler of a
+  jdistill U-Net that samples in N steps on its grid t_0 = 0 < ... < t_N = 1: T = N m >= 1000, and
+  t_k runs linearly between grid points, t_{i m - 1} = t_i, so DDIM's N trailing timesteps are
+  exactly the grid (uniform or not)."""
+  sampling = exported.get("sampling", {})
+  steps = int(sampling.get("steps", 1))
+  grid = np.asarray(sampling.get("grid") or np.arange(steps + 1) / steps, np.float64)
+  per_step = -(-1000 // steps)
+  total = steps * per_step
+  return total, np.interp(np.arange(1, total + 1) / per_step, np.arange(steps + 1), grid)
+
+
+def native_unet(params, exported: dict, guidance: float):
+  """(UNet2DModel config, state dict, scheduler config) of jdistill's own U-Net (model.name
+  'unet', the VP path), exactly as it samples here: its time embedding a learned table at the
+  scheduler's timesteps (models/unet_diffusers.py), its DDIMScheduler's betas those of jdistill's
+  schedule there, its step-count and guidance embeddings folded in at the export's settings."""
+  import jax.numpy as jnp
+  from ml_collections import ConfigDict
+  from jdistill.data import sources
+  from jdistill.diffusion.parameterization import output_channels
+  from jdistill.diffusion.schedules import make_schedule, path_of
+  from jdistill.models import unet_diffusers
+  from jdistill.models.unet import MAX_STEPS, logsnr_embedding, zero_fourier_features
+  model, diffusion = ConfigDict(exported["model"]), exported["diffusion"]
+  sampling = exported.get("sampling", {})
+  steps, mode = int(sampling.get("steps", 1)), sampling.get("mode", "ddim")
+  if path_of(diffusion["schedule"]) != "vp":
+    raise ConversionError("diffusion.schedule.name='flow': a jdistill U-Net exports on the VP "
+                          "path only (diffusers' flow scheduler hands the network float "
+                          "timesteps, its learned time table takes integers)")
+  if mode not in ("ddim", "euler") and steps > 1:
+    raise ConversionError(f"sampling.mode={mode!r} with {steps} steps: DDIMScheduler steps "
+                          "deterministically; export the student's 1-step sampler, or a DDIM one")
+  if "interval_embedding" in params:
+    raise ConversionError("a flow map (its interval_embedding) has no UNet2DModel form")
+  total, times = grid_table(exported)
+  logsnr = make_schedule(ConfigDict(diffusion["schedule"]))(jnp.asarray(times, jnp.float32))
+  table = np.asarray(logsnr_embedding(logsnr, model.channels))
+  cumprod = 1.0 / (1.0 + np.exp(-np.asarray(logsnr, np.float64)))        # alpha_k^2
+  betas = 1.0 - cumprod / np.concatenate([[1.0], cumprod[:-1]])
+  shift = np.zeros(4 * model.channels, np.float32)
+  if "step_embedding" in params:           # a step-conditioned generator told N
+    shift += np.asarray(params["step_embedding"]["embedding"], np.float32)[min(steps, MAX_STEPS)]
+  if "guidance_embedding" in params:       # a guidance-conditioned student told w
+    layer = params["guidance_embedding"]
+    features = np.asarray(zero_fourier_features(jnp.full((1,), guidance), 4 * model.channels))
+    shift += (features @ np.asarray(layer["kernel"], np.float32))[0] + np.asarray(layer["bias"])
+  data_shape = sources.load_split(ConfigDict(exported["data"]), "test").data_shape
+  try:
+    config = unet_diffusers.diffusers_config(
+        model, data_shape, output_channels(diffusion["parameterization"], data_shape[-1]), total)
+    state = unet_diffusers.diffusers_state_dict(params, model, data_shape[0], table, shift)
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+  scheduler = ddim_config(total, diffusion, trained_betas=[float(b) for b in betas])
+  return config, state, scheduler
+
+
+def export(checkpoint: str, out: str, guidance: Optional[float] = None) -> dict:
   """Writes the diffusers folder `out` for the exported jdistill model `checkpoint` (.msgpack with
-  its JSON); returns the scheduler config."""
+  its JSON); returns the scheduler config. `guidance`: the w a guidance-conditioned student is
+  exported at (default: the w it was exported with)."""
   exported = files.read_json(checkpoint.replace(".msgpack", ".json"))
   if exported is None:
     raise ConversionError(f"{checkpoint}: no exported model JSON next to it")
-  if exported["model"].get("name") != "diffusers_unet":
-    raise ConversionError(f"{checkpoint}: model.name={exported['model'].get('name')!r}; only a "
-                          "diffusers UNet2DModel ('diffusers_unet', from jdistill.convert) exports")
   with open(checkpoint, "rb") as f:
     params = serialization.msgpack_restore(f.read())
-  scheduler = scheduler_config(exported)
+  sampling, name = exported.get("sampling", {}), exported["model"].get("name")
+  if guidance is None:
+    guidance = float(sampling.get("guidance", 0.0))
+  elif "guidance_embedding" not in params:
+    raise ConversionError(f"--guidance={guidance:g}: {checkpoint} is not guidance-conditioned (no "
+                          "guidance_embedding); a CFG model's w is the sampling loop's")
+  if name == "diffusers_unet":
+    config = {"_class_name": "UNet2DModel", **exported["model"]["diffusers"]}
+    state, scheduler = state_dict(params), scheduler_config(exported)
+  elif name == "unet":
+    config, state, scheduler = native_unet(params, exported, guidance)
+  else:
+    raise ConversionError(f"{checkpoint}: model.name={name!r}; a jdistill U-Net ('unet') or a "
+                          "diffusers UNet2DModel ('diffusers_unet', from jdistill.convert) exports")
+  scheduler.update(jdistill_steps=int(sampling.get("steps", 1)), jdistill_guidance=guidance)
   for folder in ("unet", "scheduler"):
     os.makedirs(os.path.join(out, folder), exist_ok=True)
-  save_file(state_dict(params), os.path.join(out, "unet", WEIGHTS))
-  files.write_json(os.path.join(out, "unet", "config.json"),
-                   {"_class_name": "UNet2DModel", **exported["model"]["diffusers"]})
+  save_file(state, os.path.join(out, "unet", WEIGHTS))
+  files.write_json(os.path.join(out, "unet", "config.json"), config)
   files.write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler)
   return scheduler
 
@@ -100,7 +181,7 @@ def main(argv):
   if not flags.FLAGS.checkpoint or not flags.FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
   try:
-    scheduler = export(flags.FLAGS.checkpoint, flags.FLAGS.out)
+    scheduler = export(flags.FLAGS.checkpoint, flags.FLAGS.out, flags.FLAGS.guidance)
   except ConversionError as e:
     raise app.UsageError(str(e)) from e
   print(f"wrote {flags.FLAGS.out}/unet and {flags.FLAGS.out}/scheduler ({scheduler['_class_name']}, "
@@ -110,4 +191,6 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", None, "An exported jdistill model (.msgpack with its .json).")
   flags.DEFINE_string("out", None, "The diffusers folder to write (unet/, scheduler/).")
+  flags.DEFINE_float("guidance", None, "The w a guidance-conditioned student is exported at "
+                     "(default: its exported w).")
   app.run(main)

@@ -145,16 +145,21 @@ def add_step_embedding(emb, steps: Optional[jnp.ndarray], dtype):
   return emb + table(jnp.clip(steps, 0, MAX_STEPS).astype(jnp.int32))
 
 
+def zero_fourier_features(value, width: int):
+  """phi(1000 value): [sin, cos] of a per-example scalar at width / 8 frequencies."""
+  half = width // 8
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = 1000.0 * value[:, None].astype(jnp.float32) * freqs[None]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
 def add_zero_fourier_embedding(emb, value: Optional[jnp.ndarray], name: str, dtype):
   """emb + W phi(1000 value): phi the sinusoidal features of a per-example scalar (scaled like a
   diffusion timestep), W a zero-initialised layer `name`, so the network starts as it was without
   it, at every value. None: emb unchanged."""
   if value is None:
     return emb
-  half = emb.shape[-1] // 8
-  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  angles = 1000.0 * value[:, None].astype(jnp.float32) * freqs[None]
-  features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  features = zero_fourier_features(value, emb.shape[-1])
   layer = nn.Dense(emb.shape[-1], dtype=dtype, name=name,
                    kernel_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                             ("embed_in", "embed_out")),
