@@ -176,6 +176,27 @@ def export(checkpoint: str, out: str, guidance: Optional[float] = None) -> dict:
   return scheduler
 
 
+def sample_in_diffusers(folder: str, noise: np.ndarray, labels=None, batch_size: int = 500):
+  """The exported folder sampled in PyTorch by diffusers' own DDIM loop (`jdistill_steps` steps,
+  eta 0, the clipped x's eps as DDIM uses it here) from `noise` (NHWC, float32); NHWC samples.
+  Needs torch and diffusers (the test extras), which jdistill itself does not."""
+  import torch
+  from diffusers import DDIMScheduler, UNet2DModel
+  model = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).eval()
+  scheduler = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+  out = []
+  for start in range(0, len(noise), batch_size):
+    scheduler.set_timesteps(scheduler.config.jdistill_steps)
+    z = torch.from_numpy(noise[start:start + batch_size].transpose(0, 3, 1, 2))
+    label = None if labels is None else torch.as_tensor(np.asarray(labels[start:start + batch_size]))
+    with torch.no_grad():
+      for step in scheduler.timesteps:
+        output = model(z, step, class_labels=label).sample
+        z = scheduler.step(output, step, z, eta=0.0, use_clipped_model_output=True).prev_sample
+    out.append(z.numpy().transpose(0, 2, 3, 1))
+  return np.concatenate(out)
+
+
 def main(argv):
   del argv
   if not flags.FLAGS.checkpoint or not flags.FLAGS.out:

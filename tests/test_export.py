@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
 from conftest import tiny_teacher_params, tiny_unet
 from jdistill import config as config_lib
@@ -40,19 +40,6 @@ def student(tmp_path, parameterization="eps", steps=4, grid=None, guidance=1.5, 
   return config, denoiser, params, path
 
 
-def diffusers_samples(folder, noise, labels):
-  """The exported folder's DDIM loop in PyTorch, from `noise` (NHWC)."""
-  model = UNet2DModel.from_pretrained(f"{folder}/unet").eval()
-  scheduler = DDIMScheduler.from_pretrained(f"{folder}/scheduler")
-  scheduler.set_timesteps(scheduler.config.jdistill_steps)
-  z = torch.from_numpy(noise.transpose(0, 3, 1, 2))
-  with torch.no_grad():
-    for step in scheduler.timesteps:
-      output = model(z, step, class_labels=torch.as_tensor(labels)).sample
-      z = scheduler.step(output, step, z, eta=0.0, use_clipped_model_output=True).prev_sample
-  return z.numpy().transpose(0, 2, 3, 1)
-
-
 def jdistill_samples(config, denoiser, params, noise, steps, guidance, grid=None):
   schedule = make_schedule(config.diffusion.schedule)
 
@@ -79,7 +66,7 @@ def test_a_student_samples_in_diffusers_as_here(tmp_path, parameterization, step
   assert total % steps == 0 and 1000 <= total < 1000 + steps
   assert (scheduler["jdistill_steps"], scheduler["jdistill_guidance"]) == (steps, 1.5)
   noise = np.random.RandomState(6).randn(6, *SHAPE).astype(np.float32)
-  theirs = diffusers_samples(tmp_path / "diffusers", noise, LABELS)
+  theirs = export.sample_in_diffusers(str(tmp_path / "diffusers"), noise, LABELS)
   here = jdistill_samples(config, denoiser, params, noise, steps, 1.5, grid)
   assert np.abs(here - theirs).max() <= 5e-5
 
@@ -90,7 +77,7 @@ def test_the_guidance_weight_is_chosen_at_export(tmp_path):
   config, denoiser, params, path = student(tmp_path, steps=2)
   export.export(path, str(tmp_path / "diffusers"), guidance=4.0)
   noise = np.random.RandomState(7).randn(6, *SHAPE).astype(np.float32)
-  theirs = diffusers_samples(tmp_path / "diffusers", noise, LABELS)
+  theirs = export.sample_in_diffusers(str(tmp_path / "diffusers"), noise, LABELS)
   assert np.abs(jdistill_samples(config, denoiser, params, noise, 2, 4.0) - theirs).max() <= 5e-5
   assert np.abs(jdistill_samples(config, denoiser, params, noise, 2, 1.5) - theirs).max() > 1e-2
 
