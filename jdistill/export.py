@@ -184,7 +184,7 @@ def sample_in_diffusers(folder: str, noise: np.ndarray, labels=None, batch_size:
   from diffusers import DDIMScheduler, UNet2DModel
   model = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).eval()
   scheduler = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
-  out = []
+  noise, out = np.array(noise, np.float32), []         # a writable copy for torch.from_numpy
   for start in range(0, len(noise), batch_size):
     scheduler.set_timesteps(scheduler.config.jdistill_steps)
     z = torch.from_numpy(noise[start:start + batch_size].transpose(0, 3, 1, 2))
