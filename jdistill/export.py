@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 
 from jdistill import files
 from jdistill.convert import WEIGHTS, ConversionError, diffusers_key
-from jdistill.diffusion.schedules import shift_time
+from jdistill.diffusion.schedules import flow_logsnr, unshift_time
 
 PREDICTION_TYPES = {"eps": "epsilon", "x": "sample", "v": "v_prediction"}
 
@@ -51,24 +51,34 @@ def state_dict(params) -> dict:
 
 
 def scheduler_config(exported: dict) -> dict:
-  """A diffusers scheduler config that samples the model as jdistill does (its step count)."""
+  """The diffusers scheduler config of a model that takes a DDPM timestep or 1000 tau, set for its
+  step count N: DDIMScheduler over its DDPM betas (N trailing steps are t_i = i / N; a nested grid
+  is recorded as `jdistill_timesteps`, which DDIM's own loop cannot step), or
+  FlowMatchEulerDiscreteScheduler with its shift, whose grid is `jdistill_sigmas`, for
+  `set_timesteps(sigmas=...)`: the model's noise levels unshifted (from 0.99995, not 1: jdistill
+  clips logSNR to [-20, 20])."""
   diffusion, sampling = exported["diffusion"], exported.get("sampling", {})
-  schedule = diffusion["schedule"]
+  schedule, steps = diffusion["schedule"], int(sampling.get("steps", 1))
+  grid = np.asarray(sampling.get("grid") or np.arange(steps + 1) / steps, np.float64)
   if schedule["name"] == "flow":
-    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-              "shift": float(schedule.get("shift", 1.0))}
-    times = lambda t: 1000.0 * shift_time(np.asarray(t, np.float64), config["shift"])
-  elif schedule["name"] in ("linear", "scaled_linear"):
-    config = ddim_config(schedule["num_train_timesteps"], diffusion,
-                         beta_schedule=schedule["name"], beta_start=schedule["beta_start"],
-                         beta_end=schedule["beta_end"],
-                         rescale_betas_zero_snr=bool(schedule.get("zero_terminal_snr", False)))
-    times = lambda t: np.asarray(t, np.float64) * config["num_train_timesteps"] - 1.0
-  else:
+    if diffusion.get("clip_x", True):
+      raise ConversionError("diffusion.clip_x=True: FlowMatchEulerDiscreteScheduler does not clip "
+                            "x_hat to [-1, 1] as this model samples; export one sampled without it")
+    shift = float(schedule.get("shift", 1.0))
+    logsnr = np.asarray(flow_logsnr(grid[:0:-1], shift), np.float64)     # clipped to [-20, 20]
+    tau = 1.0 / (1.0 + np.exp(0.5 * logsnr))
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "shift": shift, "jdistill_sigmas": [float(t) for t in unshift_time(tau, shift)]}
+  if schedule["name"] not in ("linear", "scaled_linear"):
     raise ConversionError(f"diffusion.schedule.name={schedule['name']!r} has no diffusers "
                           "scheduler here ('linear', 'scaled_linear' or 'flow')")
-  if sampling.get("grid") is not None:           # the model's own (non-uniform) grid
-    config["jdistill_timesteps"] = [float(v) for v in times(sampling["grid"][:0:-1])]
+  config = ddim_config(schedule["num_train_timesteps"], diffusion,
+                       beta_schedule=schedule["name"], beta_start=schedule["beta_start"],
+                       beta_end=schedule["beta_end"],
+                       rescale_betas_zero_snr=bool(schedule.get("zero_terminal_snr", False)))
+  if sampling.get("grid") is not None:
+    config["jdistill_timesteps"] = [float(t * config["num_train_timesteps"] - 1.0)
+                                    for t in grid[:0:-1]]
   return config
 
 
@@ -97,43 +107,55 @@ def grid_table(exported: dict):
   return total, np.interp(np.arange(1, total + 1) / per_step, np.arange(steps + 1), grid)
 
 
-def native_unet(params, exported: dict, guidance: float):
+FOLDED = ("step_embedding", "guidance_embedding")
+
+
+def data_shape(exported: dict):
+  """(H, W, C) of the data the exported model was trained on (its data section)."""
+  from ml_collections import ConfigDict
+  from jdistill.data import sources
+  return sources.load_split(ConfigDict(exported["data"]), "test").data_shape
+
+
+def fold_embeddings(params, steps: int, guidance: float):
+  """(params without the step-count and guidance embeddings a method adds, what those add to the
+  time embedding at the export's N = `steps` and w = `guidance`): a constant, for the time MLP's
+  output bias. A flow map's interval embedding changes within a sample: no diffusers form."""
+  import jax.numpy as jnp
+  from jdistill.models.unet import MAX_STEPS, zero_fourier_features
+  if "interval_embedding" in params:
+    raise ConversionError("a flow map (its interval_embedding) has no diffusers model form")
+  shift = 0.0
+  if "step_embedding" in params:           # a step-conditioned generator told N
+    shift = shift + np.asarray(params["step_embedding"]["embedding"], np.float32)[min(steps, MAX_STEPS)]
+  if "guidance_embedding" in params:       # a guidance-conditioned student told w
+    kernel = np.asarray(params["guidance_embedding"]["kernel"], np.float32)
+    features = np.asarray(zero_fourier_features(jnp.full((1,), guidance), kernel.shape[-1]))
+    shift = shift + (features @ kernel)[0] + np.asarray(params["guidance_embedding"]["bias"])
+  return {k: v for k, v in params.items() if k not in FOLDED}, shift
+
+
+def native_unet(params, exported: dict, shift, data_shape):
   """(UNet2DModel config, state dict, scheduler config) of jdistill's own U-Net (model.name
   'unet', the VP path), exactly as it samples here: its time embedding a learned table at the
   scheduler's timesteps (models/unet_diffusers.py), its DDIMScheduler's betas those of jdistill's
-  schedule there, its step-count and guidance embeddings folded in at the export's settings."""
+  schedule there."""
   import jax.numpy as jnp
   from ml_collections import ConfigDict
-  from jdistill.data import sources
   from jdistill.diffusion.parameterization import output_channels
   from jdistill.diffusion.schedules import make_schedule, path_of
   from jdistill.models import unet_diffusers
-  from jdistill.models.unet import MAX_STEPS, logsnr_embedding, zero_fourier_features
+  from jdistill.models.unet import logsnr_embedding
   model, diffusion = ConfigDict(exported["model"]), exported["diffusion"]
-  sampling = exported.get("sampling", {})
-  steps, mode = int(sampling.get("steps", 1)), sampling.get("mode", "ddim")
   if path_of(diffusion["schedule"]) != "vp":
     raise ConversionError("diffusion.schedule.name='flow': a jdistill U-Net exports on the VP "
                           "path only (diffusers' flow scheduler hands the network float "
                           "timesteps, its learned time table takes integers)")
-  if mode not in ("ddim", "euler") and steps > 1:
-    raise ConversionError(f"sampling.mode={mode!r} with {steps} steps: DDIMScheduler steps "
-                          "deterministically; export the student's 1-step sampler, or a DDIM one")
-  if "interval_embedding" in params:
-    raise ConversionError("a flow map (its interval_embedding) has no UNet2DModel form")
   total, times = grid_table(exported)
   logsnr = make_schedule(ConfigDict(diffusion["schedule"]))(jnp.asarray(times, jnp.float32))
   table = np.asarray(logsnr_embedding(logsnr, model.channels))
   cumprod = 1.0 / (1.0 + np.exp(-np.asarray(logsnr, np.float64)))        # alpha_k^2
   betas = 1.0 - cumprod / np.concatenate([[1.0], cumprod[:-1]])
-  shift = np.zeros(4 * model.channels, np.float32)
-  if "step_embedding" in params:           # a step-conditioned generator told N
-    shift += np.asarray(params["step_embedding"]["embedding"], np.float32)[min(steps, MAX_STEPS)]
-  if "guidance_embedding" in params:       # a guidance-conditioned student told w
-    layer = params["guidance_embedding"]
-    features = np.asarray(zero_fourier_features(jnp.full((1,), guidance), 4 * model.channels))
-    shift += (features @ np.asarray(layer["kernel"], np.float32))[0] + np.asarray(layer["bias"])
-  data_shape = sources.load_split(ConfigDict(exported["data"]), "test").data_shape
   try:
     config = unet_diffusers.diffusers_config(
         model, data_shape, output_channels(diffusion["parameterization"], data_shape[-1]), total)
@@ -142,6 +164,23 @@ def native_unet(params, exported: dict, guidance: float):
     raise ConversionError(str(e)) from e
   scheduler = ddim_config(total, diffusion, trained_betas=[float(b) for b in betas])
   return config, state, scheduler
+
+
+def dit(params, exported: dict, shift, data_shape):
+  """(DiTTransformer2DModel config, state dict, scheduler config) of a DiT whose time is a DDPM
+  timestep or 1000 tau (a converted one, or one trained with that model.time_input)."""
+  from ml_collections import ConfigDict
+  from jdistill.models import dit_diffusers
+  time_input = exported["model"].get("time_input", "logsnr")
+  if time_input not in ("ddpm_timestep", "t1000"):
+    raise ConversionError(f"model.time_input={time_input!r}: diffusers' DiT embeds the scheduler's "
+                          "timestep sinusoidally, so only a DiT that takes it ('ddpm_timestep' "
+                          "with a DDPM schedule, 't1000' on the flow path) exports")
+  config = dit_diffusers.diffusers_config(ConfigDict(exported["model"]), data_shape)
+  return config, dit_diffusers.diffusers_state_dict(params, config, shift), scheduler_config(exported)
+
+
+MODEL_FOLDERS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}
 
 
 def export(checkpoint: str, out: str, guidance: Optional[float] = None) -> dict:
@@ -154,45 +193,66 @@ def export(checkpoint: str, out: str, guidance: Optional[float] = None) -> dict:
   with open(checkpoint, "rb") as f:
     params = serialization.msgpack_restore(f.read())
   sampling, name = exported.get("sampling", {}), exported["model"].get("name")
+  steps, mode = int(sampling.get("steps", 1)), sampling.get("mode", "ddim")
   if guidance is None:
     guidance = float(sampling.get("guidance", 0.0))
   elif "guidance_embedding" not in params:
     raise ConversionError(f"--guidance={guidance:g}: {checkpoint} is not guidance-conditioned (no "
                           "guidance_embedding); a CFG model's w is the sampling loop's")
+  if mode not in ("ddim", "euler") and steps > 1:
+    raise ConversionError(f"sampling.mode={mode!r} with {steps} steps: diffusers' DDIM and Euler "
+                          "schedulers step deterministically; export a 1-step or a DDIM sampler")
+  params, shift = fold_embeddings(params, steps, guidance)
   if name == "diffusers_unet":
     config = {"_class_name": "UNet2DModel", **exported["model"]["diffusers"]}
     state, scheduler = state_dict(params), scheduler_config(exported)
+    state["time_embedding.linear_2.bias"] = state["time_embedding.linear_2.bias"] + shift
   elif name == "unet":
-    config, state, scheduler = native_unet(params, exported, guidance)
+    config, state, scheduler = native_unet(params, exported, shift, data_shape(exported))
+  elif name == "dit":
+    config, state, scheduler = dit(params, exported, shift, data_shape(exported))
   else:
-    raise ConversionError(f"{checkpoint}: model.name={name!r}; a jdistill U-Net ('unet') or a "
-                          "diffusers UNet2DModel ('diffusers_unet', from jdistill.convert) exports")
-  scheduler.update(jdistill_steps=int(sampling.get("steps", 1)), jdistill_guidance=guidance)
-  for folder in ("unet", "scheduler"):
+    raise ConversionError(f"{checkpoint}: model.name={name!r}; a U-Net ('unet', "
+                          "'diffusers_unet') or a DiT ('dit') exports")
+  scheduler.update(jdistill_steps=steps, jdistill_guidance=guidance)
+  model_folder = MODEL_FOLDERS[config["_class_name"]]
+  for folder in (model_folder, "scheduler"):
     os.makedirs(os.path.join(out, folder), exist_ok=True)
-  save_file(state, os.path.join(out, "unet", WEIGHTS))
-  files.write_json(os.path.join(out, "unet", "config.json"), config)
+  save_file(state, os.path.join(out, model_folder, WEIGHTS))
+  files.write_json(os.path.join(out, model_folder, "config.json"), config)
   files.write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler)
   return scheduler
 
 
 def sample_in_diffusers(folder: str, noise: np.ndarray, labels=None, batch_size: int = 500):
-  """The exported folder sampled in PyTorch by diffusers' own DDIM loop (`jdistill_steps` steps,
-  eta 0, the clipped x's eps as DDIM uses it here) from `noise` (NHWC, float32); NHWC samples.
-  Needs torch and diffusers (the test extras), which jdistill itself does not."""
+  """The exported folder sampled in PyTorch by its diffusers scheduler's own loop
+  (`jdistill_steps` steps; DDIM with eta 0 and the clipped x's eps, as DDIM runs here) from
+  `noise` (NHWC, float32); NHWC samples. Needs torch and diffusers (the test extras), which
+  jdistill itself does not."""
+  import diffusers
   import torch
-  from diffusers import DDIMScheduler, UNet2DModel
-  model = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).eval()
-  scheduler = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+  model_folder = next(f for f in MODEL_FOLDERS.values() if os.path.isdir(os.path.join(folder, f)))
+  config = files.read_json(os.path.join(folder, model_folder, "config.json"))
+  model = getattr(diffusers, config["_class_name"]).from_pretrained(
+      os.path.join(folder, model_folder)).eval()
+  scheduler_json = files.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+  scheduler = getattr(diffusers, scheduler_json["_class_name"]).from_pretrained(
+      os.path.join(folder, "scheduler"))
+  ddim = {"eta": 0.0, "use_clipped_model_output": True} if "DDIM" in scheduler_json["_class_name"] else {}
   noise, out = np.array(noise, np.float32), []         # a writable copy for torch.from_numpy
   for start in range(0, len(noise), batch_size):
-    scheduler.set_timesteps(scheduler.config.jdistill_steps)
+    if "jdistill_sigmas" in scheduler_json:
+      scheduler.set_timesteps(sigmas=scheduler_json["jdistill_sigmas"])
+    else:
+      scheduler.set_timesteps(scheduler_json["jdistill_steps"])
     z = torch.from_numpy(noise[start:start + batch_size].transpose(0, 3, 1, 2))
     label = None if labels is None else torch.as_tensor(np.asarray(labels[start:start + batch_size]))
+    if label is None and model_folder == "transformer":     # diffusers' DiT always takes one
+      label = torch.zeros(z.shape[0], dtype=torch.long)
     with torch.no_grad():
       for step in scheduler.timesteps:
-        output = model(z, step, class_labels=label).sample
-        z = scheduler.step(output, step, z, eta=0.0, use_clipped_model_output=True).prev_sample
+        output = model(z, step.expand(z.shape[0]), class_labels=label).sample
+        z = scheduler.step(output, step, z, **ddim).prev_sample
     out.append(z.numpy().transpose(0, 2, 3, 1))
   return np.concatenate(out)
 

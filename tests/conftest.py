@@ -76,8 +76,10 @@ def tiny_teacher_params(config, seed, base=0):
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from jdistill.diffusion.schedules import path_of
   from jdistill.models.denoiser import make_denoiser
-  denoiser = make_denoiser(config.model, (8, 8, 1), config.diffusion.parameterization)
+  denoiser = make_denoiser(config.model, (8, 8, 1), config.diffusion.parameterization,
+                           path_of(config.diffusion.schedule), config.diffusion.schedule)
   shapes = nn.unbox(jax.eval_shape(denoiser.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"])
 
   def draw(rng, path, leaf):

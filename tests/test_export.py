@@ -23,14 +23,20 @@ LABELS = np.arange(6) % 10
 
 
 def student(tmp_path, parameterization="eps", steps=4, grid=None, guidance=1.5, mode="ddim",
-            schedule="cosine"):
-  """A class-conditional tiny U-Net student with step-count and guidance embeddings (random, off
-  zero), exported as a run exports it: (config, denoiser, params, path)."""
-  config = tiny_unet(config_lib.base_config("digits"))
-  config.model.num_classes = 10
+            schedule="cosine", dit_time=None, num_classes=10):
+  """A tiny U-Net student (a DiT taking `dit_time`, if given) with step-count and guidance
+  embeddings (random, off zero), exported as a run exports it: (config, denoiser, params, path)."""
+  if dit_time is None:
+    config = tiny_unet(config_lib.base_config("digits"))
+  else:
+    config = config_lib.base_config("digits_dit")
+    config.model.update(channels=16, num_heads=2, depth=2, time_input=dit_time)
+  config.model.num_classes = num_classes
   config.diffusion.parameterization = parameterization
   config.diffusion.schedule.name = schedule
-  denoiser = make_denoiser(config.model, SHAPE, parameterization)
+  config.diffusion.clip_x = schedule != "flow"
+  denoiser = make_denoiser(config.model, SHAPE, parameterization,
+                           "flow" if schedule == "flow" else "vp", config.diffusion.schedule)
   params = with_zero_embedding(denoiser, tiny_teacher_params(config, 1), jnp.zeros((1, *SHAPE)),
                                guided=True, step_conditioned=True)
   rng = np.random.RandomState(3)
@@ -40,11 +46,12 @@ def student(tmp_path, parameterization="eps", steps=4, grid=None, guidance=1.5, 
   return config, denoiser, params, path
 
 
-def jdistill_samples(config, denoiser, params, noise, steps, guidance, grid=None):
+def jdistill_samples(config, denoiser, params, noise, steps, guidance, grid=None, labels=LABELS):
   schedule = make_schedule(config.diffusion.schedule)
 
   def predict(z, logsnr):
-    return denoiser.predict_with_guidance(params, z, logsnr, jnp.asarray(LABELS), guidance,
+    label = None if labels is None else jnp.asarray(labels)
+    return denoiser.predict_with_guidance(params, z, logsnr, label, guidance,
                                           steps=jnp.full((z.shape[0],), steps, jnp.int32))
   grid = None if grid is None else sampling.padded_grid(grid, steps)
   return np.asarray(jax.jit(lambda n: sampling.sample(predict, schedule, n, steps, grid=grid,
@@ -116,3 +123,30 @@ def test_a_guidance_weight_for_an_unguided_model_is_refused(tmp_path):
   with pytest.raises(ConversionError, match="not guidance-conditioned"):
     export.export(path, str(tmp_path / "diffusers"), guidance=2.0)
   export.export(path, str(tmp_path / "diffusers"))          # without a w it exports
+
+
+@pytest.mark.parametrize("schedule,dit_time,num_classes", [
+    ("linear", "ddpm_timestep", 10),    # DDIMScheduler over DDPM's betas
+    ("flow", "t1000", 0),               # FlowMatchEulerDiscreteScheduler; unconditional
+])
+def test_a_dit_that_takes_the_schedulers_timestep_exports_as_diffusers_dit(
+    tmp_path, schedule, dit_time, num_classes):
+  """A DiT taking a DDPM timestep (converted ones do) or 1000 tau exports as a
+  DiTTransformer2DModel with its scheduler; diffusers' loop samples what jdistill samples."""
+  config, denoiser, params, path = student(tmp_path, "eps" if schedule == "linear" else "v",
+                                           steps=4, schedule=schedule, dit_time=dit_time,
+                                           num_classes=num_classes)
+  scheduler = export.export(path, str(tmp_path / "diffusers"))
+  assert scheduler["_class_name"] == ("DDIMScheduler" if schedule == "linear"
+                                      else "FlowMatchEulerDiscreteScheduler")
+  labels = LABELS if num_classes else None
+  noise = np.random.RandomState(9).randn(6, *SHAPE).astype(np.float32)
+  theirs = export.sample_in_diffusers(str(tmp_path / "diffusers"), noise, labels)
+  here = jdistill_samples(config, denoiser, params, noise, 4, 1.5, labels=labels)
+  assert np.abs(here - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+
+
+def test_a_dit_on_jdistills_logsnr_time_is_refused(tmp_path):
+  *_, path = student(tmp_path, dit_time="logsnr")
+  with pytest.raises(ConversionError, match="model.time_input='logsnr'"):
+    export.export(path, str(tmp_path / "diffusers"))

@@ -22,6 +22,7 @@ DEFAULTS = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, ou
 SUPPORTED = dict(activation_fn="gelu-approximate", norm_type="ada_norm_zero", attention_bias=True,
                  norm_elementwise_affine=False)
 SHARED_EMBEDDER = "transformer_blocks.{}.norm1.emb."
+same = lambda a: a
 
 
 def _config(diffusers_config: Mapping) -> dict:
@@ -59,31 +60,35 @@ def dit_from_diffusers_config(diffusers_config: Mapping, dtype="float32") -> DiT
 
 
 def _layout(c) -> dict:
-  """{diffusers key: (our param path, diffusers shape, (array -> our array))}."""
+  """{diffusers key: (our param path, diffusers shape, (array -> our array), (ours -> array))}."""
   d, heads = c["num_attention_heads"] * c["attention_head_dim"], c["num_attention_heads"]
   p, channels, out = c["patch_size"], c["in_channels"], c["out_channels"]
   layout = {}
 
   def linear(key, path, d_in, d_out):
-    layout[f"{key}.weight"] = (path + ("kernel",), (d_out, d_in), lambda w: w.T)
-    layout[f"{key}.bias"] = (path + ("bias",), (d_out,), lambda b: b)
+    layout[f"{key}.weight"] = (path + ("kernel",), (d_out, d_in), lambda w: w.T, lambda k: k.T)
+    layout[f"{key}.bias"] = (path + ("bias",), (d_out,), same, same)
 
   def attention(key, path, out):
     if out:         # (heads, head_dim, d), the heads of the input split
-      layout[f"{key}.weight"] = (path + ("kernel",), (d, d), lambda w: w.T.reshape(heads, -1, d))
-      layout[f"{key}.bias"] = (path + ("bias",), (d,), lambda b: b)
+      layout[f"{key}.weight"] = (path + ("kernel",), (d, d), lambda w: w.T.reshape(heads, -1, d),
+                                 lambda k: k.reshape(d, d).T)
+      layout[f"{key}.bias"] = (path + ("bias",), (d,), same, same)
     else:           # (d, heads, head_dim), the heads of the output split
-      layout[f"{key}.weight"] = (path + ("kernel",), (d, d), lambda w: w.T.reshape(d, heads, -1))
-      layout[f"{key}.bias"] = (path + ("bias",), (d,), lambda b: b.reshape(heads, -1))
+      layout[f"{key}.weight"] = (path + ("kernel",), (d, d), lambda w: w.T.reshape(d, heads, -1),
+                                 lambda k: k.reshape(d, d).T)
+      layout[f"{key}.bias"] = (path + ("bias",), (d,), lambda b: b.reshape(heads, -1),
+                               lambda b: b.reshape(d))
 
   layout["pos_embed.proj.weight"] = (("pos_embed", "kernel"), (d, channels, p, p),
-                                     lambda w: w.transpose(2, 3, 1, 0))
-  layout["pos_embed.proj.bias"] = (("pos_embed", "bias"), (d,), lambda b: b)
+                                     lambda w: w.transpose(2, 3, 1, 0),
+                                     lambda k: k.transpose(3, 2, 0, 1))
+  layout["pos_embed.proj.bias"] = (("pos_embed", "bias"), (d,), same, same)
   emb = SHARED_EMBEDDER.format(0)
   linear(emb + "timestep_embedder.linear_1", ("timestep_embedder", "linear_1"), FREQUENCY_CHANNELS, d)
   linear(emb + "timestep_embedder.linear_2", ("timestep_embedder", "linear_2"), d, d)
   layout[emb + "class_embedder.embedding_table.weight"] = (
-      ("class_embedder", "embedding"), (c["num_embeds_ada_norm"] + 1, d), lambda e: e)
+      ("class_embedder", "embedding"), (c["num_embeds_ada_norm"] + 1, d), same, same)
   for i in range(c["num_layers"]):
     key, path = f"transformer_blocks.{i}", (f"transformer_blocks_{i}",)
     linear(f"{key}.norm1.linear", path + ("norm1_linear",), d, 6 * d)
@@ -103,7 +108,7 @@ def dit_params_from_diffusers(state_dict: Mapping, diffusers_config: Mapping) ->
   first = SHARED_EMBEDDER.format(0)
   copies = {key.replace(first, SHARED_EMBEDDER.format(i), 1): key     # block i's copy: block 0's
             for key in layout if key.startswith(first) for i in range(1, c["num_layers"])}
-  shapes = {**{key: shape for key, (_, shape, _) in layout.items()},
+  shapes = {**{key: shape for key, (_, shape, *_) in layout.items()},
             **{copy: layout[original][1] for copy, original in copies.items()}}
   problems = [f"missing key {key!r}" for key in shapes if key not in state_dict]
   problems += [f"unexpected key {key!r}" for key in state_dict if key not in shapes]
@@ -118,9 +123,50 @@ def dit_params_from_diffusers(state_dict: Mapping, diffusers_config: Mapping) ->
   if problems:
     raise ValueError("diffusers DiT state dict: " + "; ".join(problems))
   params = {}
-  for key, (path, _, convert) in layout.items():
+  for key, (path, _, convert, _) in layout.items():
     node = params
     for name in path[:-1]:
       node = node.setdefault(name, {})
     node[path[-1]] = np.asarray(convert(np.asarray(state_dict[key], np.float32)))
   return params
+
+
+def diffusers_config(model_config, data_shape) -> dict:
+  """The DiTTransformer2DModel config.json of jdistill's DiT `model_config` on data of `data_shape`
+  (H, W, C). diffusers' DiT always takes a label: an unconditional DiT gets one class whose
+  embedding (and the null class's) is zero."""
+  height, width, channels = data_shape
+  if height != width:
+    raise ValueError(f"data shape {tuple(data_shape)}: DiTTransformer2DModel needs square images")
+  return {"_class_name": "DiTTransformer2DModel", "sample_size": height, "in_channels": channels,
+          "out_channels": channels, "num_layers": model_config.depth,
+          "num_attention_heads": model_config.num_heads,
+          "attention_head_dim": model_config.channels // model_config.num_heads,
+          "patch_size": model_config.patch_size, "dropout": float(model_config.dropout),
+          "num_embeds_ada_norm": model_config.num_classes or 1, "norm_num_groups": 32,
+          "upcast_attention": False, **SUPPORTED, "norm_eps": 1e-5}
+
+
+def diffusers_state_dict(params, diffusers_config: Mapping, emb_shift) -> dict:
+  """The inverse of dit_params_from_diffusers: {diffusers key: float32 numpy array}, the shared
+  time and label embedder copied into every block, `emb_shift` (what a step-count or guidance
+  embedding adds to c at the export's setting) added to the time MLP's output bias."""
+  c = _config(diffusers_config)
+  params = dict(params)
+  if "class_embedder" not in params:           # unconditional: a zero table, any label is nothing
+    params["class_embedder"] = {"embedding": np.zeros((2, c["num_attention_heads"] *
+                                                       c["attention_head_dim"]), np.float32)}
+  state = {}
+  for key, (path, _, _, to_theirs) in _layout(c).items():
+    node = params
+    for name in path:
+      node = node[name]
+    array = np.asarray(node, np.float32)
+    if path == ("timestep_embedder", "linear_2", "bias"):
+      array = array + np.asarray(emb_shift, np.float32)
+    state[key] = np.ascontiguousarray(to_theirs(array))
+  first = SHARED_EMBEDDER.format(0)
+  for key in [k for k in state if k.startswith(first)]:
+    for i in range(1, c["num_layers"]):
+      state[key.replace(first, SHARED_EMBEDDER.format(i), 1)] = state[key]
+  return state

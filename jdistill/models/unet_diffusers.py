@@ -104,8 +104,8 @@ LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "w
 
 def diffusers_state_dict(params, model_config, image_size: int, time_table: np.ndarray,
                          emb_shift: np.ndarray) -> dict:
-  """{diffusers key: float32 numpy array} of the U-Net's params. Params that diffusers has no place
-  for (beyond the embeddings folded into `emb_shift`) are an error naming them."""
+  """{diffusers key: float32 numpy array} of the U-Net's params (without the embeddings folded into
+  `emb_shift`). Params that diffusers has no place for are an error naming them."""
   prefixes = dict(module_names(model_config, image_size))
   inner = {}
   for module, prefix in prefixes.items():
@@ -116,8 +116,6 @@ def diffusers_state_dict(params, model_config, image_size: int, time_table: np.n
   for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
     names = [p.key for p in path]
     module, leaf_name = names[0], names[-1]
-    if module in ("step_embedding", "guidance_embedding"):
-      continue                                          # folded into emb_shift
     if module not in prefixes or (module == "Embed_0" and not model_config.num_classes):
       unplaced.append("/".join(names))
       continue
