@@ -180,6 +180,70 @@ def dit(params, exported: dict, shift, data_shape):
   return config, dit_diffusers.diffusers_state_dict(params, config, shift), scheduler_config(exported)
 
 
+def peft_factors(a, b, kernel_shape, out_projection: bool):
+  """(lora_A, lora_B) in PEFT's torch layout of jdistill's adapter W' = W + s reshape(A B) on a
+  kernel of `kernel_shape`: conv HWIO -> lora_A (r, in, kh, kw), lora_B (out, r, 1, 1); dense
+  (in, out) and an attention output (heads, head_dim, out) -> (r, in), (out, r). An attention
+  input projection (in, heads, head_dim) adapts each head's (in, head_dim) block apart: rank
+  heads r, lora_B block-diagonal."""
+  r = a.shape[-1]
+  if len(kernel_shape) == 4:
+    kh, kw, cin, _ = kernel_shape
+    return a.reshape(kh, kw, cin, r).transpose(3, 2, 0, 1), b.T[:, :, None, None]
+  if len(kernel_shape) == 3 and not out_projection:
+    cin, heads, head_dim = kernel_shape
+    lora_a = a.reshape(cin, heads, r).transpose(1, 2, 0).reshape(heads * r, cin)
+    lora_b = np.zeros((heads, head_dim, heads, r), np.float32)
+    for h in range(heads):
+      lora_b[h, :, h, :] = b.T
+    return lora_a, lora_b.reshape(heads * head_dim, heads * r)
+  return a.T, b.T
+
+
+def peft_adapter(adapters, lora: dict, params, modules_of):
+  """(adapter_config.json, adapter_model.safetensors state) of jdistill's LoRA adapters
+  ({'A/B/kernel': {a, b}}) over the model whose params are `params`; `modules_of(names)` gives
+  the diffusers modules of a kernel's param path."""
+  from jdistill.models.lora import _path_name
+  kernels = {_path_name(p): np.shape(leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  rank, alpha = int(lora["rank"]), float(lora["alpha"])
+  state, targets, rank_pattern, alpha_pattern = {}, [], {}, {}
+  for name, adapter in adapters.items():
+    names = name.split("/")
+    modules = modules_of(names)
+    if not modules:
+      raise ConversionError(f"a LoRA adapter on {name}, which has no place in the diffusers model")
+    lora_a, lora_b = peft_factors(np.asarray(adapter["a"], np.float32),
+                                  np.asarray(adapter["b"], np.float32), kernels[name],
+                                  out_projection=names[-2] == "out")
+    for module in modules:
+      state[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+      state[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+      targets.append(module)
+      if lora_a.shape[0] != rank:        # per-head attention factors: same scale alpha / r
+        rank_pattern[module] = int(lora_a.shape[0])
+        alpha_pattern[module] = alpha * lora_a.shape[0] / rank
+  config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "lora_dropout": 0.0,
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True, "task_type": None, "inference_mode": True,
+            "base_model_name_or_path": None, "modules_to_save": None}
+  return config, state
+
+
+def module_mapper(exported: dict):
+  """names -> the diffusers modules of a param of the exported model (for its LoRA adapters)."""
+  from ml_collections import ConfigDict
+  from jdistill.models import dit_diffusers, unet_diffusers
+  model = ConfigDict(exported["model"])
+  if model.name == "diffusers_unet":
+    return lambda names: [diffusers_key(tuple(names)).rsplit(".", 1)[0]]
+  if model.name == "unet":
+    module_of = unet_diffusers.module_mapper(model, data_shape(exported)[0])
+    return lambda names: [m for m in [module_of(names)] if m]
+  return dit_diffusers.module_mapper(dit_diffusers.diffusers_config(model, data_shape(exported)))
+
+
 MODEL_FOLDERS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}
 
 
@@ -221,7 +285,27 @@ def export(checkpoint: str, out: str, guidance: Optional[float] = None) -> dict:
   save_file(state, os.path.join(out, model_folder, WEIGHTS))
   files.write_json(os.path.join(out, model_folder, "config.json"), config)
   files.write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler)
+  if exported.get("lora"):                        # a LoRA student: its adapters, for PEFT
+    adapters_path = checkpoint.replace(".msgpack", ".lora.msgpack")
+    if not os.path.isfile(adapters_path):
+      raise ConversionError(f"{checkpoint} is a LoRA student, but its adapters {adapters_path} "
+                            "are missing")
+    with open(adapters_path, "rb") as f:
+      adapters = serialization.msgpack_restore(f.read())
+    peft_config, peft_state = peft_adapter(adapters, exported["lora"], params,
+                                           module_mapper(exported))
+    os.makedirs(os.path.join(out, model_folder + "_lora"), exist_ok=True)
+    save_file(peft_state, os.path.join(out, model_folder + "_lora", "adapter_model.safetensors"))
+    files.write_json(os.path.join(out, model_folder + "_lora", "adapter_config.json"), peft_config)
+    scheduler["jdistill_lora_base"] = exported["lora"].get("base", "")
+    files.write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler)
   return scheduler
+
+
+def diffusers_class(model_folder: str):
+  """The diffusers model class of an exported model folder (its config.json's _class_name)."""
+  import diffusers
+  return getattr(diffusers, files.read_json(os.path.join(model_folder, "config.json"))["_class_name"])
 
 
 def sample_in_diffusers(folder: str, noise: np.ndarray, labels=None, batch_size: int = 500):
@@ -232,8 +316,7 @@ def sample_in_diffusers(folder: str, noise: np.ndarray, labels=None, batch_size:
   import diffusers
   import torch
   model_folder = next(f for f in MODEL_FOLDERS.values() if os.path.isdir(os.path.join(folder, f)))
-  config = files.read_json(os.path.join(folder, model_folder, "config.json"))
-  model = getattr(diffusers, config["_class_name"]).from_pretrained(
+  model = diffusers_class(os.path.join(folder, model_folder)).from_pretrained(
       os.path.join(folder, model_folder)).eval()
   scheduler_json = files.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
   scheduler = getattr(diffusers, scheduler_json["_class_name"]).from_pretrained(

@@ -150,3 +150,41 @@ def test_a_dit_on_jdistills_logsnr_time_is_refused(tmp_path):
   *_, path = student(tmp_path, dit_time="logsnr")
   with pytest.raises(ConversionError, match="model.time_input='logsnr'"):
     export.export(path, str(tmp_path / "diffusers"))
+
+
+@pytest.mark.parametrize("dit_time", [None, "ddpm_timestep"])
+def test_a_lora_student_exports_merged_and_as_a_peft_adapter(tmp_path, dit_time):
+  """A LoRA student (adapters on every kernel, attention included) exports merged, and its adapters
+  as a PEFT LoRA: PEFT puts them on the base model exported the same way, which then predicts what
+  the merged export does."""
+  from peft import PeftModel
+  from jdistill.models.lora import LoRA
+  config, denoiser, base, _ = student(tmp_path, steps=2, guidance=0.0, dit_time=dit_time,
+                                      schedule="linear" if dit_time else "cosine")
+  base = {k: v for k, v in base.items() if k not in export.FOLDED}     # a LoRA over the teacher
+  config.lora.update(rank=2, alpha=4.0)
+  lora = LoRA(rank=2, alpha=4.0)
+  adapters = lora.init(jax.random.key(1), base)
+  rng = np.random.RandomState(4)
+  adapters = jax.tree.map(lambda a: np.asarray(a) + 0.3 * rng.randn(*a.shape).astype(np.float32),
+                          adapters)                                      # B off zero
+  merged = jax.tree.map(np.asarray, lora.merge(base, adapters))
+  common.export(merged, config, str(tmp_path / "student.msgpack"), "ddim", 2,
+                adapters={"base": "the teacher", "adapters": adapters})
+  common.export(base, config, str(tmp_path / "base.msgpack"), "ddim", 2)
+  export.export(str(tmp_path / "student.msgpack"), str(tmp_path / "student"))
+  export.export(str(tmp_path / "base.msgpack"), str(tmp_path / "base"))
+  folder = "transformer" if dit_time else "unet"
+  model_class = export.diffusers_class(str(tmp_path / "base" / folder))
+  adapted = PeftModel.from_pretrained(model_class.from_pretrained(str(tmp_path / "base" / folder)),
+                                      str(tmp_path / "student" / f"{folder}_lora")).eval()
+  full = model_class.from_pretrained(str(tmp_path / "student" / folder)).eval()
+  x = torch.from_numpy(np.random.RandomState(5).randn(6, 1, 8, 8).astype(np.float32))
+  t = torch.as_tensor([999, 600, 499, 250, 10, 0])
+  with torch.no_grad():
+    theirs = adapted(x, t, class_labels=torch.as_tensor(LABELS)).sample
+    merged_out = full(x, t, class_labels=torch.as_tensor(LABELS)).sample
+    base_out = model_class.from_pretrained(str(tmp_path / "base" / folder))(
+        x, t, class_labels=torch.as_tensor(LABELS)).sample
+  assert (theirs - merged_out).abs().max() <= 1e-4 * max(1.0, float(merged_out.abs().max()))
+  assert (base_out - merged_out).abs().max() > 1e-2          # the adapters change the model

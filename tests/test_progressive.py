@@ -14,7 +14,6 @@ from jdistill.config import base_config
 from jdistill.data import pipeline
 from jdistill.diffusion import parameterization as P
 from jdistill.diffusion import sampling, schedules
-from jdistill.methods import progressive
 from jdistill.objectives import progressive as progressive_math
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop, teachers as teacher_lib
@@ -371,3 +370,24 @@ def test_direct_variant_distils_from_the_original_teacher(toy_teacher, tmp_path,
   student = [e for e in evaluations if e[0] == 2 and e[2] is not None]
   assert student and all(e[2] == grid for e in student)
   assert [e for e in evaluations if e[0] == 2 and e[2] is None] == [(2, True, None)]  # DDIM row
+
+
+def test_a_lora_run_exports_its_adapters_next_to_the_merged_student(toy_teacher, tmp_path):
+  """A LoRA stage exports the merged student and, next to it, the adapters that make it from the
+  stage's teacher (jdistill.export writes them as a PEFT adapter: tests/test_export.py)."""
+  from flax import serialization
+  from jdistill.models.lora import LoRA
+  config = _progressive_config(toy_teacher)
+  config.progressive.update(steps="2,1", steps_per_stage=20)
+  config.lora.update(rank=2, alpha=4.0)
+  workdir = str(tmp_path / "lora")
+  methods.train(config, workdir)
+  path = os.path.join(workdir, "student.msgpack")
+  exported = teacher_lib.read_export(path)
+  assert exported["lora"]["rank"] == 2 and "2-step teacher" in exported["lora"]["base"]
+  read = lambda p: serialization.msgpack_restore(open(p, "rb").read())
+  teacher = read(os.path.join(toy_teacher, "teacher.msgpack"))
+  adapters = read(path.replace(".msgpack", ".lora.msgpack"))
+  merged = LoRA(2, 4.0, tuple(config.lora.targets)).merge(teacher, adapters)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(read(path))):
+    np.testing.assert_allclose(a, b, atol=1e-6)

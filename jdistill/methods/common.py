@@ -231,13 +231,34 @@ def write_summary(workdir: str, title: str, intro, header, rows, footer=()):
   logging.info("\n%s", text)
 
 
-def export(params, config, path: str, mode: str, steps: int, grid=None, guidance: float = 0.0):
+def export(params, config, path: str, mode: str, steps: int, grid=None, guidance: float = 0.0,
+           adapters=None):
   """The exported model of a run: `path` (.msgpack) and its JSON, which `jdistill.sample
   --checkpoint=PATH` reads to rebuild and sample it (`mode`, `steps`, its `guidance`, whether it
-  is guidance-conditioned, and its time `grid` where given) without a run directory."""
+  is guidance-conditioned, and its time `grid` where given) without a run directory. A LoRA
+  student's `adapters` ({base, adapters}: `adapters()`; params are then merged) go next to it,
+  `<name>.lora.msgpack`, with config.lora and the base in the JSON: jdistill.export writes them as
+  a PEFT adapter."""
   sampling = {"mode": mode, "steps": int(steps), "guidance": float(guidance)}
   if is_guidance_conditioned(params):     # a student told its w (jdistill.sample --guidance)
     sampling["guided"] = True
   if grid is not None:
     sampling["grid"] = [float(t) for t in grid]
-  teachers.export(params, config, path, sampling)
+  lora = None
+  if adapters is not None:
+    lora = dict(config.lora.to_dict(), base=adapters["base"])
+    teachers.write_params(lora_path(path), adapters["adapters"])
+  teachers.export(params, config, path, sampling, lora)
+
+
+def adapters(objective, state, base: str):
+  """A LoRA objective's trained adapters (the EMA of `state`, a TrainState) with what they adapt
+  (`base`, said in the export's JSON); None for a full-weight one."""
+  if getattr(objective, "lora", None) is None:
+    return None
+  return {"base": base, "adapters": state.ema_params}
+
+
+def lora_path(path: str) -> str:
+  """Where the LoRA adapters of the exported model `path` (.msgpack) are."""
+  return path.replace(".msgpack", ".lora.msgpack")

@@ -185,7 +185,8 @@ def train(config, workdir: str):
       initial_state=lambda: make_state(teacher), meta={"method": d.variant})
   generator = objective.eval_params(trained.state, frozen)
   common.export(generator, config, os.path.join(workdir, EXPORT), mode, d.generator_steps,
-                guidance=told)
+                guidance=told, adapters=common.adapters(objective, trained.state.generator,
+                                                        "the teacher"))
   n_teacher = config.teacher.sampling_steps
   best = trained.best
   best_line = ([f"Best evaluated {d.generator_steps}-step FD in this invocation: {best.value:.4g} "

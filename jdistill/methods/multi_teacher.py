@@ -223,7 +223,9 @@ def train(config, workdir: str):
       initial_state=initial_state,
       meta={"method": "multi_teacher", "weights": dict(zip(ids, map(float, weights)))})
   student = objective.eval_params(trained.state, frozen)
-  common.export(student, config, os.path.join(workdir, EXPORT), "ddim", config.eval.final_steps[-1])
+  common.export(student, config, os.path.join(workdir, EXPORT), "ddim", config.eval.final_steps[-1],
+                adapters=common.adapters(objective, trained.state, "the student's init "
+                                         f"(multi_teacher.student_init={mt.student_init!r})"))
   reference = ids[int(np.argmax(weights))]      # FD (teacher): to the heaviest teacher's samples
   exp.evaluator.set_teacher(teachers.load_checkpoint(
       mt.teachers[reference].checkpoint, exp.abstract_params(), config), config.teacher.sampling_steps)

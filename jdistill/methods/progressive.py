@@ -206,7 +206,7 @@ def run_stages(exp, objective, steps, original_teacher, on_stage=None, guidance:
                       if p.validation_examples else None)
   validation_loss = jax.jit(objective.validation_loss)
 
-  teacher, students = original_teacher, {}
+  teacher, students, adapters = original_teacher, {}, None
   if p.start_stage > 0 and not config.teacher.checkpoint:
     previous = stage_dir(workdir, p.start_stage - 1, steps[p.start_stage])
     teacher = ckpt_lib.restore_params(os.path.join(previous, "checkpoints"),
@@ -245,13 +245,15 @@ def run_stages(exp, objective, steps, original_teacher, on_stage=None, guidance:
         meta={"stage": k, "student_steps": n_student, "teacher_steps": n_teacher})
     offset += train_steps[k]
     student = objective.eval_params(trained.state, frozen)
+    adapters = common.adapters(objective, trained.state, f"the {n_teacher}-step teacher of "
+                               "this stage" + (" (the run's teacher)" if k == 0 else ""))
     common.export(student, config, os.path.join(directory, EXPORT), "ddim", n_student, grid,
-                  guidance)
+                  guidance, adapters)
     if on_stage is not None:
       on_stage(directory, k, n_student, student, last_eval, grid)
     teacher = students[n_student] = student
   common.export(teacher, config, os.path.join(workdir, EXPORT), "ddim", steps[-1],
-                grid_times(grids, num_stages), guidance)
+                grid_times(grids, num_stages), guidance, adapters)
   return students
 
 

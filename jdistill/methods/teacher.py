@@ -66,7 +66,8 @@ def train(config, workdir: str):
       meta={"method": "teacher", "config": config.to_json()})
   params = objective.eval_params(trained.state, frozen)
   common.export(params, config, os.path.join(workdir, EXPORT), "ddim", config.teacher.sampling_steps,
-                guidance=guidance)
+                guidance=guidance, adapters=common.adapters(
+                    objective, trained.state, f"the teacher fine-tuned ({config.teacher.checkpoint or 'bundled'})"))
   exp.evaluator.set_teacher(params, config.teacher.sampling_steps,   # FD (teacher): to itself
                             guidance=guidance)
   rows = common.fd_table(exp, params, config.eval.final_steps, guidance=guidance)

@@ -170,3 +170,16 @@ def diffusers_state_dict(params, diffusers_config: Mapping, emb_shift) -> dict:
     for i in range(1, c["num_layers"]):
       state[key.replace(first, SHARED_EMBEDDER.format(i), 1)] = state[key]
   return state
+
+
+def module_mapper(diffusers_config: Mapping):
+  """names (a param's path) -> the diffusers modules holding it: one, or each block's copy of the
+  shared time and label embedder; [] where diffusers has no place for it."""
+  c = _config(diffusers_config)
+  first = SHARED_EMBEDDER.format(0)
+  modules = {}
+  for key, (path, *_) in _layout(c).items():
+    module = key.rsplit(".", 1)[0]
+    copies = [module.replace(first, SHARED_EMBEDDER.format(i), 1) for i in range(c["num_layers"])]
+    modules[tuple(path)] = copies if module.startswith(first) else [module]
+  return lambda names: modules.get(tuple(names), [])

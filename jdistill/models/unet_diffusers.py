@@ -102,31 +102,38 @@ ATTENTION = {"GroupNorm_0": "group_norm", "MultiHeadDotProductAttention_0/query"
 LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 
 
+def module_mapper(model_config, image_size: int):
+  """names (a param's path) -> the diffusers module holding it ('down_blocks.0.resnets.1.conv1'),
+  or None where diffusers has no place for it."""
+  prefixes = dict(module_names(model_config, image_size))
+
+  def module_of(names):
+    module = names[0]
+    if module not in prefixes or (module == "Embed_0" and not model_config.num_classes):
+      return None
+    kind = module.rsplit("_", 1)[0]
+    table = RESNET if kind == "ResBlock" else ATTENTION if kind == "AttentionBlock" else None
+    if table is None:
+      return prefixes[module]
+    sub = "/".join(names[1:-1])
+    return f"{prefixes[module]}.{table[sub]}" if sub in table else None
+  return module_of
+
+
 def diffusers_state_dict(params, model_config, image_size: int, time_table: np.ndarray,
                          emb_shift: np.ndarray) -> dict:
   """{diffusers key: float32 numpy array} of the U-Net's params (without the embeddings folded into
   `emb_shift`). Params that diffusers has no place for are an error naming them."""
-  prefixes = dict(module_names(model_config, image_size))
-  inner = {}
-  for module, prefix in prefixes.items():
-    kind = module.rsplit("_", 1)[0]
-    inner[module] = RESNET if kind == "ResBlock" else ATTENTION if kind == "AttentionBlock" else None
+  module_of = module_mapper(model_config, image_size)
   state = {"time_proj.weight": np.asarray(time_table, np.float32)}
   unplaced = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
     names = [p.key for p in path]
-    module, leaf_name = names[0], names[-1]
-    if module not in prefixes or (module == "Embed_0" and not model_config.num_classes):
+    prefix, leaf_name = module_of(names), names[-1]
+    if prefix is None:
       unplaced.append("/".join(names))
       continue
     array = np.asarray(leaf, np.float32)
-    prefix, table = prefixes[module], inner[module]
-    if table is not None:
-      sub = "/".join(names[1:-1])
-      if sub not in table:
-        unplaced.append("/".join(names))
-        continue
-      prefix = f"{prefix}.{table[sub]}"
     projection = "MultiHeadDotProductAttention_0" in names
     if projection and leaf_name == "kernel":     # query/key/value (C, h, d); out (h, d, C)
       array = array.reshape(array.shape[0], -1).T if names[-2] != "out" else \
@@ -135,7 +142,7 @@ def diffusers_state_dict(params, model_config, image_size: int, time_table: np.n
       array = array.reshape(-1)
     elif leaf_name == "kernel":
       array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
-    if module == "Dense_1" and leaf_name == "bias":
+    if names[0] == "Dense_1" and leaf_name == "bias":
       array = array + np.asarray(emb_shift, np.float32)
     state[f"{prefix}.{LEAVES[leaf_name]}"] = np.ascontiguousarray(array)
   if unplaced:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import jax
 from absl import logging
@@ -122,16 +123,23 @@ def load_teacher(exp):
       "(train one with `python -m jdistill.main --config=configs/teacher.py:<preset> --workdir=...`)")
 
 
-def export(params, config, path: str, sampling: dict):
+def write_params(path: str, params):
+  """`params` (host copies) as msgpack at `path`, from process 0 only."""
+  if jax.process_index() == 0:
+    files.write_bytes(path, serialization.to_bytes(jax.device_get(params)))
+
+
+def export(params, config, path: str, sampling: dict, lora: Optional[dict] = None):
   """Writes `params` to `path` (.msgpack) and, next to it (.json), what rebuilds and samples them:
-  the model, diffusion and data config sections, the method, and `sampling` ({mode, steps})."""
+  the model, diffusion and data config sections, the method, `sampling` ({mode, steps}) and, for
+  a LoRA student, its `lora` section (its adapters: methods/common.lora_path)."""
+  write_params(path, params)
   if jax.process_index() != 0:
     return
-  files.write_bytes(path, serialization.to_bytes(jax.device_get(params)))
   files.write_json(path.replace(".msgpack", ".json"), {
       "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
       "data": config.data.to_dict(), "method": config.method, "sampling": sampling,
-      "train_steps": config.train.num_steps})
+      "train_steps": config.train.num_steps, **({"lora": lora} if lora else {})})
 
 
 def read_export(path: str) -> dict:
