@@ -5,6 +5,11 @@ against PyTorch's (max-abs over a batch at several timesteps, float32).
 
   python benchmarks/convert_cifar10.py        # about 2 minutes on 2 CPU cores
 
+With `--distill_steps=N` it then distils the converted teacher for N train steps of one
+progressive stage (4 -> 2 DDIM steps) on TFDS's mock CIFAR-10 (`tfds.testing.mock_data`: random
+images, nothing downloaded) through `methods.train`, `--config.teacher.checkpoint` as a user
+gives it, and records the stage's wall time and train-step rate.
+
 Writes benchmarks/results/convert_cifar10.json.
 """
 from __future__ import annotations
@@ -30,10 +35,36 @@ DDPM_CIFAR10 = dict(    # google/ddpm-cifar10-32's config.json
     norm_eps=1e-6, norm_num_groups=32)
 
 
+def distil(teacher: str, train_steps: int, tmp: str) -> dict:
+  """One progressive stage (4 -> 2 steps, `train_steps` steps, batch 8) from the converted teacher
+  on mock CIFAR-10; its wall time and the loop's steps per second."""
+  import tensorflow_datasets as tfds
+  import configs.progressive as progressive_config
+  from jdistill import methods
+  from jdistill.train import teachers
+  config = progressive_config.get_config("cifar10")
+  config.teacher.checkpoint = teacher
+  config.data.update(batch_size=8, data_dir=os.path.join(tmp, "tfds"))
+  config.progressive.update(steps="4,2", steps_per_stage=train_steps, eval_every=0)
+  config.train.update(log_every=max(1, train_steps // 5), save_every=train_steps)
+  config.eval.update(features="raw", num_samples=16, final_num_samples=16, batch_size=16,
+                     steps_during_training=(2,), final_steps=(2,), neighbour_examples=16)
+  workdir = os.path.join(tmp, "pd")
+  start = time.perf_counter()
+  with tfds.testing.mock_data(num_examples=64):
+    methods.train(config, workdir)
+  seconds = time.perf_counter() - start
+  exported = teachers.read_export(os.path.join(workdir, "student.msgpack"))
+  return dict(distill_train_steps=train_steps, distill_batch=8, distill_seconds=round(seconds, 1),
+              distilled_student=f"{exported['model']['name']}, {exported['sampling']['steps']} "
+                                "DDIM steps")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--timesteps", default="0,500,999")
+  parser.add_argument("--distill_steps", type=int, default=0)
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                     "convert_cifar10.json"))
   args = parser.parse_args()
@@ -69,10 +100,11 @@ def main():
     with torch.no_grad():
       theirs = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t)).sample
     error = float(np.abs(ours - theirs.numpy().transpose(0, 2, 3, 1)).max())
+    distilled = distil(teacher, args.distill_steps, tmp) if args.distill_steps else {}
   result = dict(params_millions=round(num_params / 1e6, 2), convert_seconds=round(seconds, 1),
                 convert_peak_host_mib=round(peak_mib), weights_mib=round(num_params * 4 / 2**20),
                 max_abs_error=error, output_max_abs=float(np.abs(ours).max()),
-                inputs=len(x), timesteps=timesteps)
+                inputs=len(x), timesteps=timesteps, **distilled)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)

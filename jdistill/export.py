@@ -2,17 +2,17 @@
 
   python -m jdistill.export --checkpoint=runs/pd/student.msgpack --out=DIR [--guidance=W]
 
-DIR gets `unet/` (a UNet2DModel: config.json and diffusion_pytorch_model.safetensors) and
-`scheduler/` (a DDIMScheduler's scheduler_config.json, 'trailing' spacing, ending on x itself),
-set for the model's step count N; `jdistill_steps` and `jdistill_guidance` record N and w.
-- jdistill's own U-Net ('unet', the VP path): diffusers' blocks, a learned time table and the
-  scheduler's betas read off jdistill's schedule at T = N m >= 1000 timesteps laid along the
-  model's grid (uniform or nested), so `scheduler.set_timesteps(N)` steps exactly that grid. A
-  step-count or guidance embedding is folded in at N and w (`--guidance`).
-- a converted UNet2DModel ('diffusers_unet'): the inverse of jdistill.convert's mapping, with its
-  own DDPM scheduler (N trailing steps are t_i = i / N, timestep t T - 1); a flow model gets
-  FlowMatchEulerDiscreteScheduler with its shift. Such a model on a non-uniform grid records its
-  timesteps under `jdistill_timesteps` (DDIM's own loop steps uniformly).
+DIR gets the model (`unet/` a UNet2DModel, `transformer/` a DiTTransformer2DModel: config.json
+and diffusion_pytorch_model.safetensors) and `scheduler/` set for the model's step count N
+(`jdistill_steps`, `jdistill_guidance` record N and w); `sample_in_diffusers` is its loop.
+- jdistill's own U-Net ('unet', the VP path): diffusers' blocks, a learned time table and
+  DDIMScheduler betas read off jdistill's schedule at T = N m >= 1000 timesteps laid along the
+  model's grid (uniform or nested), so `scheduler.set_timesteps(N)` steps exactly that grid.
+- a converted UNet2DModel ('diffusers_unet') or a DiT that takes the scheduler's timestep: the
+  inverse of jdistill.convert's mapping with its DDPM scheduler (N trailing steps are t_i = i / N),
+  or, on the flow path, FlowMatchEulerDiscreteScheduler with its shift and noise levels.
+- a step-count or guidance embedding folds into the time embedding at N and w (`--guidance`).
+- a LoRA student also gets `<model>_lora/`: its adapters as a PEFT LoRA over its base.
 """
 from __future__ import annotations
 
