@@ -17,8 +17,8 @@ from jdistill.diffusion.parameterization import Prediction, from_x0
 from jdistill.errors import ConfigError
 from jdistill.methods import consistency as consistency_method
 from jdistill.models.denoiser import Denoiser
-from jdistill.objectives.consistency import (CDObjective, consistency_function, karras_sigmas,
-                                             scd_tangent)
+from jdistill.objectives.consistency import (CDObjective, SCDObjective, consistency_function,
+                                             karras_sigmas, proposal_logsnr, scd_tangent)
 
 MU, S = 0.3, 0.7           # data x ~ N(MU, S^2 I)
 
@@ -144,3 +144,35 @@ def test_consistency_trains_exports_and_reports(tmp_path, preset, label):
   assert "loss" in tags
   if label == "sCD":
     assert {"tangent_norm", "tangent_norm_max", "weight_min", "weight_max"} <= tags
+
+
+def test_a_guidance_conditioned_scd_student_is_pulled_towards_the_cfg_teacher_at_its_w():
+  """sCD with student_guidance, at the start (the student is the conditional teacher at every w,
+  tangent warm-up r = 0): g = -alpha^2 (F- - dx/dt) with dx/dt the two-pass CFG velocity at the
+  example's w, so g = -alpha^2 w (v(z, null) - v(z, c)) by hand, and the loss's mse is the
+  normalised g's mean square."""
+  from conftest import tiny_teacher_params, tiny_unet
+  from jdistill import config as config_lib
+  from jdistill.models.denoiser import make_denoiser
+  from jdistill.objectives.guided import draw_guidance
+  config = tiny_unet(config_lib.base_config("digits_cond"))
+  denoiser = make_denoiser(config.model, (8, 8, 1), config.diffusion.parameterization)
+  teacher = tiny_teacher_params(config, 0)
+  objective = SCDObjective(denoiser, schedules.make_schedule(config.diffusion.schedule),
+                           optax.sgd(0.0), config.optim, 10, (8, 8, 1), guidance_range=(0.0, 4.0))
+  state = objective.new_state(teacher)
+  rng = jax.random.key(3)
+  x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (6, 8, 8, 1)), jnp.float32)
+  label = jnp.arange(6) % 10
+  _, metrics = objective.loss(state.params, teacher, {"x": x, "label": label}, rng, 0.0)
+  rng_noise, rng_time = jax.random.split(rng)
+  logsnr = proposal_logsnr(rng_time, 6, objective.p_mean, objective.p_std)
+  alpha, sigma = schedules.alpha_sigma(logsnr[:, None, None, None])
+  z = alpha * x + sigma * jax.random.normal(rng_noise, x.shape)
+  w = draw_guidance(jax.random.fold_in(rng, 11), 6, (0.0, 4.0))
+  v_c = denoiser.predict(teacher, z, logsnr, label).v
+  v_null = denoiser.predict(teacher, z, logsnr, jnp.full((6,), 10)).v
+  g = -(alpha**2) * w[:, None, None, None] * (v_null - v_c)
+  g = g / (jnp.sqrt(jnp.sum(g**2, axis=(1, 2, 3), keepdims=True)) + objective.tangent_c)
+  np.testing.assert_allclose(metrics["mse"], jnp.mean(g**2), rtol=2e-4)
+  assert float(jnp.mean(g**2)) > 1e-4                     # w > 0 pulls the student

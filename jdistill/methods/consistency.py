@@ -19,7 +19,7 @@ from jdistill.objectives.consistency import CDObjective, ConsistencyFrozen, SCDO
 from jdistill.diffusion.schedules import time_of_logsnr
 from jdistill.train import loop, setup, teachers
 
-CONTROLS = frozenset()
+CONTROLS = frozenset({"student_guidance"})    # optional controls (methods/common.py)
 EXPORT = "student.msgpack"
 PARAMS_KEY = "ema_params"
 MODE = "renoise"
@@ -77,12 +77,13 @@ def sampling_mode(config) -> str:
 def make_objective(exp):
   c, k = exp.config, exp.config.consistency
   shared = (exp.denoiser, exp.schedule, exp.optimizer(), c.optim, c.train.num_steps, exp.data_shape)
+  guidance_range = config_lib.student_guidance_range(c)
   if k.variant == "scd":
     return SCDObjective(*shared, p_mean=k.p_mean, p_std=k.p_std, tangent_c=k.tangent_c,
-                        warmup_steps=k.warmup_steps)
+                        warmup_steps=k.warmup_steps, guidance_range=guidance_range)
   sigma_max = k.sigma_max or math.exp(-0.5 * float(exp.schedule(1.0)))
   return CDObjective(*shared, num_points=k.num_points, sigma_min=k.sigma_min, sigma_max=sigma_max,
-                     target_decay=k.target_decay)
+                     target_decay=k.target_decay, guidance_range=guidance_range)
 
 
 def sampling_grids(config, schedule) -> dict:
@@ -96,7 +97,11 @@ def train(config, workdir: str):
   exp = setup.build(config, workdir)
   k = config.consistency
   teacher = teachers.load_teacher(exp)
-  exp.evaluator.set_teacher(teacher, config.teacher.sampling_steps)
+  # a guidance-conditioned student (student_guidance) learns every w and is told its w: its
+  # evaluations and export at eval_w, FD (teacher) to the CFG teacher there
+  w_range = config_lib.student_guidance_range(config)
+  told = config.student_guidance.eval_w if w_range else 0.0
+  exp.evaluator.set_teacher(teacher, config.teacher.sampling_steps, guidance=told)
   objective = make_objective(exp)
   compiled = loop.compile_step(objective, exp.mesh,
                                frozen_shardings=ConsistencyFrozen(teacher=exp.param_shardings()))
@@ -105,13 +110,23 @@ def train(config, workdir: str):
   trained = common.train(
       exp, objective, loop.Settings.from_config(config), workdir=workdir,
       train_data=exp.train_data(),
-      evaluate=common.fd_callback(exp, eval_steps, mode=MODE, grids=grids),
+      evaluate=common.fd_callback(exp, eval_steps, mode=MODE, grids=grids, guidance=told),
       best_metric=f"fd_{eval_steps[0]}steps", compiled=compiled,
       frozen=ConsistencyFrozen(teacher=teacher), initial_state=lambda: make_state(teacher))
   student = objective.eval_params(trained.state)
   common.export(student, config, os.path.join(workdir, EXPORT), MODE, eval_steps[0],
-                grid=grids.get(eval_steps[0]))
+                grid=grids.get(eval_steps[0]), guidance=told)
   label = {"scd": "sCD", "cd": "CD"}[k.variant]
+  if w_range:
+    n_teacher = config.teacher.sampling_steps
+    models = ([("CFG teacher (2 passes)", teacher, n_teacher, "ddim", None)]
+              + [(f"{label} student", student, n, MODE, grids.get(n)) for n in eval_steps])
+    rows = common.guidance_rows(exp, teacher, n_teacher, models, config.student_guidance.summary_w)
+    common.write_guidance_summary(
+        exp, f"Consistency distillation ({label}), guidance-conditioned: {config.preset}",
+        f"w ~ U[{w_range[0]:g}, {w_range[1]:g}], {config.train.num_steps} train steps, wall time "
+        f"{(time.time() - run_start) / 60:.1f} min (this invocation)", rows)
+    return student
   rows = common.teacher_rows(exp, teacher, eval_steps)
   rows += [(label, row) for row in common.fd_table(exp, student, eval_steps, mode=MODE,
                                                    last_eval=trained.last_eval, name="student_",

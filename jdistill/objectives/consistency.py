@@ -42,8 +42,10 @@ import numpy as np
 from jdistill.diffusion.parameterization import broadcast_to_data
 from jdistill.diffusion.sampling import ddim_step
 from jdistill.diffusion.schedules import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma
+from jdistill.models.denoiser import is_guidance_conditioned, with_guidance_embedding
 from jdistill.models.unet import logsnr_embedding
 from jdistill.objectives import state as state_lib
+from jdistill.objectives.guided import draw_guidance
 
 SIGMA_DATA = 0.5                  # EDM's data std, of CD's c_skip / c_out
 
@@ -92,7 +94,27 @@ def _cos_sin(logsnr, like):
 
 
 @dataclasses.dataclass(frozen=True)
-class SCDObjective(state_lib.OneNetworkObjective):
+class GuidanceConditioned:
+  """A consistency student told the CFG weight w (config.student_guidance): w ~ U[w_min, w_max] per
+  example, the teacher guided at it with two passes, the student told it (its zero-initialised
+  guidance embedding, so it starts as the conditional teacher at every w)."""
+  guidance_range: tuple = ()
+
+  def student_params(self, params):
+    if self.guidance_range and not is_guidance_conditioned(params):
+      params = with_guidance_embedding(self.denoiser, params, jnp.zeros((1, *self.data_shape)))
+    return params
+
+  def draw(self, rng, batch: int):
+    """(the teacher's w: 0 or one per example, the w the student is told: None or the same)."""
+    if not self.guidance_range:
+      return 0.0, None
+    w = draw_guidance(jax.random.fold_in(rng, 11), batch, self.guidance_range)
+    return w, w
+
+
+@dataclasses.dataclass(frozen=True)
+class SCDObjective(GuidanceConditioned, state_lib.OneNetworkObjective):
   """sCD; the state's params are {'net': the consistency model, 'weighting': AdaptiveWeight}."""
   p_mean: float = -1.0
   p_std: float = 1.4
@@ -105,11 +127,12 @@ class SCDObjective(state_lib.OneNetworkObjective):
   def new_state(self, params, rng=None):
     rng = jax.random.key(0) if rng is None else rng
     weighting = AdaptiveWeight().init(rng, jnp.zeros((1,)))["params"]
-    return state_lib.create({"net": params, "weighting": weighting}, self.optimizer)
+    return state_lib.create({"net": self.student_params(params), "weighting": weighting},
+                            self.optimizer)
 
-  def velocity(self, params, z, logsnr, label):
-    """F(x_t, t) = the VP v (TrigFlow's v-prediction, sigma_d = 1)."""
-    return self.denoiser.predict(params, z, logsnr, label).v
+  def velocity(self, params, z, logsnr, label, told=None):
+    """F(x_t, t) = the VP v (TrigFlow's v-prediction, sigma_d = 1); `told`: the student's w."""
+    return self.denoiser.predict(params, z, logsnr, label, guidance=told).v
 
   def loss(self, params, teacher, batch, rng, warmup):
     rng_noise, rng_time = jax.random.split(rng)
@@ -118,14 +141,17 @@ class SCDObjective(state_lib.OneNetworkObjective):
     logsnr = proposal_logsnr(rng_time, x.shape[0], self.p_mean, self.p_std)
     alpha, sigma = alpha_sigma(broadcast_to_data(logsnr, x))
     z = alpha * x + sigma * jax.random.normal(rng_noise, x.shape, x.dtype)
-    teacher_v = jax.lax.stop_gradient(self.velocity(teacher, z, logsnr, label))
+    w, told = self.draw(rng, x.shape[0])
+    teacher_v = jax.lax.stop_gradient(
+        self.denoiser.predict_with_guidance(teacher, z, logsnr, label, w).v)
     frozen_net = jax.lax.stop_gradient(params["net"])
-    g, raw, f_minus = scd_tangent(lambda z_, l_: self.velocity(frozen_net, z_, l_, label),
+    g, raw, f_minus = scd_tangent(lambda z_, l_: self.velocity(frozen_net, z_, l_, label, told),
                                   teacher_v, z, logsnr, warmup, self.tangent_c)
     f_minus = jax.lax.stop_gradient(f_minus)
     weight = AdaptiveWeight().apply({"params": params["weighting"]}, logsnr)
     axes = tuple(range(1, x.ndim))
-    mse = jnp.mean((self.velocity(params["net"], z, logsnr, label) - f_minus - g) ** 2, axis=axes)
+    mse = jnp.mean((self.velocity(params["net"], z, logsnr, label, told) - f_minus - g) ** 2,
+                   axis=axes)
     tangent_norm = jnp.sqrt(jnp.sum(raw**2, axis=axes))
     return jnp.mean(jnp.exp(weight) * mse - weight), {
         "mse": jnp.mean(mse), "tangent_norm": jnp.mean(tangent_norm),
@@ -175,7 +201,7 @@ class CDState:
 
 
 @dataclasses.dataclass(frozen=True)
-class CDObjective(state_lib.OneNetworkObjective):
+class CDObjective(GuidanceConditioned, state_lib.OneNetworkObjective):
   num_points: int = 18            # N
   sigma_min: float = 0.002
   sigma_max: float = 80.0
@@ -188,23 +214,25 @@ class CDObjective(state_lib.OneNetworkObjective):
     return self.new_state(self.denoiser.init(rng, jnp.zeros((1, *self.data_shape)))["params"])
 
   def new_state(self, params, rng=None):
+    params = self.student_params(params)
     return CDState(step=jnp.zeros((), jnp.int32), student=state_lib.create(params, self.optimizer),
                    target=params)
 
-  def f(self, params, z, sigma, label):
+  def f(self, params, z, sigma, label, told=None):
     """The consistency function at VP state z and EDM level sigma (logsnr = -2 log sigma)."""
-    x0_hat = self.denoiser.predict(params, z, -2.0 * jnp.log(sigma), label).x0
+    x0_hat = self.denoiser.predict(params, z, -2.0 * jnp.log(sigma), label, guidance=told).x0
     return consistency_function(x0_hat, z, sigma, self.sigma_min)
 
-  def pair(self, teacher, x, noise, n, label):
-    """(z at sigma_{n+1}, z-hat at sigma_n by one teacher DDIM step, sigma_{n+1}, sigma_n); n is the
-    0-based index of the lower point."""
+  def pair(self, teacher, x, noise, n, label, w=0.0):
+    """(z at sigma_{n+1}, z-hat at sigma_n by one teacher DDIM step (guided at w), sigma_{n+1},
+    sigma_n); n is the 0-based index of the lower point."""
     sigmas = self.sigmas()
     hi, lo = sigmas[n + 1], sigmas[n]
     logsnr_hi, logsnr_lo = -2.0 * jnp.log(hi), -2.0 * jnp.log(lo)
     alpha, sigma = alpha_sigma(broadcast_to_data(logsnr_hi, x))
     z_hi = alpha * x + sigma * noise
-    z_lo = ddim_step(self.denoiser.predict(teacher, z_hi, logsnr_hi, label), logsnr_lo)
+    z_lo = ddim_step(self.denoiser.predict_with_guidance(teacher, z_hi, logsnr_hi, label, w),
+                     logsnr_lo)
     return z_hi, jax.lax.stop_gradient(z_lo), hi, lo
 
   def loss(self, params, target, teacher, batch, rng):
@@ -212,10 +240,11 @@ class CDObjective(state_lib.OneNetworkObjective):
     x = batch["x"]
     label = batch["label"] if self.denoiser.num_classes else None
     n = jax.random.randint(rng_n, (x.shape[0],), 0, self.num_points - 1)
+    w, told = self.draw(rng, x.shape[0])
     z_hi, z_lo, hi, lo = self.pair(teacher, x, jax.random.normal(rng_noise, x.shape, x.dtype), n,
-                                   label)
-    f_target = jax.lax.stop_gradient(self.f(target, z_lo, lo, label))
-    return jnp.mean((self.f(params, z_hi, hi, label) - f_target) ** 2), {}
+                                   label, w)
+    f_target = jax.lax.stop_gradient(self.f(target, z_lo, lo, label, told))
+    return jnp.mean((self.f(params, z_hi, hi, label, told) - f_target) ** 2), {}
 
   def train_step(self, state, batch, rng, frozen, stage):
     new_student, metrics = state_lib.descend(state.student, self.loss,
