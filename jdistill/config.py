@@ -109,7 +109,7 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(checkpoint="", sampling_steps=256))
   # a guidance-conditioned student (off while w_max is 0): told w ~ U[w_min, w_max] per example by
   # a zero-initialised embedding, it learns the teacher's classifier-free guidance at that w
-  # (guided distillation, DMD2, TDM, sCD, CD). eval_w: the w of evaluations during training and the
+  # (guided distillation, DMD2, TDM, sCD, CD, MeanFlow). eval_w: the w of evaluations during training and the
   # exported student's default; summary_w: the w of the end-of-run table
   c.student_guidance = ml_collections.ConfigDict(dict(
       w_min=0.0, w_max=0.0, eval_w=2.0, summary_w=(0.0, 1.0, 2.0, 4.0)))

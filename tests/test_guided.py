@@ -274,30 +274,33 @@ def test_dmd_with_a_guidance_conditioned_generator_runs_and_tables_every_w(tmp_p
   exported = json.load(open(os.path.join(workdir, "generator.json")))
   assert exported["sampling"]["guided"] is True
   # the control is refused where a method does not take it
-  config = tiny_unet(methods.get("meanflow").get_config("digits_cond"))
+  config = tiny_unet(methods.get("teacher").get_config("digits_cond"))
   config.student_guidance.w_max = 4.0
   with pytest.raises(ConfigError, match="student_guidance.w_max.*does not support"):
     methods.validate(config, 1)
 
 
-@pytest.mark.parametrize("variant,label", [("scd", "sCD"), ("cd", "CD")])
-def test_a_guidance_conditioned_consistency_student_runs_and_tables_every_w(tmp_path, variant, label):
-  config = tiny_unet(methods.get("consistency").get_config("digits_cond"))
-  config.consistency.variant = variant
+@pytest.mark.parametrize("method,variant,row", [("consistency", "scd", "sCD student"),
+                                                ("consistency", "cd", "CD student"),
+                                                ("meanflow", None, "MeanFlow")])
+def test_a_guidance_conditioned_consistency_or_flow_map_student_runs_and_tables_every_w(
+    tmp_path, method, variant, row):
+  config = tiny_unet(methods.get(method).get_config("digits_cond"))
+  if variant:
+    config.consistency.variant = variant
+  config[method].eval_steps = (1,)
   teacher_path = str(tmp_path / "teacher.msgpack")
   with open(teacher_path, "wb") as f:
     f.write(serialization.to_bytes(tiny_teacher_params(config, 0)))
   config.teacher.update(checkpoint=teacher_path, sampling_steps=4)
   config.student_guidance.update(w_max=4.0, summary_w=(0.0, 3.0))
   config.data.batch_size = 8
-  config.consistency.eval_steps = (1,)
   config.train.update(num_steps=3, log_every=1, save_every=100, eval_every=0)
   config.eval.update(num_samples=64, batch_size=64, final_num_samples=0, neighbour_examples=64)
   workdir = str(tmp_path / "run")
   methods.train(config, workdir)
   summary = open(os.path.join(workdir, "summary.md")).read()
-  for row in ("| CFG teacher (2 passes) | 4 | 3 |", f"| {label} student | 1 | 0 |",
-              f"| {label} student | 1 | 3 |"):
-    assert row in summary
+  for line in ("| CFG teacher (2 passes) | 4 | 3 |", f"| {row} | 1 | 0 |", f"| {row} | 1 | 3 |"):
+    assert line in summary
   exported = json.load(open(os.path.join(workdir, "student.json")))
   assert exported["sampling"]["guided"] is True and exported["sampling"]["guidance"] == 2.0

@@ -192,3 +192,33 @@ def logged_tags(workdir):
   import tensorflow as tf
   return {value.tag for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
           for event in tf.compat.v1.train.summary_iterator(path) for value in event.summary.value}
+
+
+def test_a_guidance_conditioned_flow_map_learns_the_teachers_cfg_velocity_at_its_w():
+  """MeanFlow with student_guidance, at the start (the flow map is the conditional teacher at every
+  h and w) and with r = t everywhere: u_tgt = v, the teacher's two-pass CFG velocity at the
+  example's w, so the loss's mse is mean(w^2 (v(z, null) - v(z, c))^2) by hand."""
+  from conftest import tiny_teacher_params, tiny_unet
+  from jdistill import config as config_lib
+  from jdistill.objectives.guided import draw_guidance
+  from jdistill.objectives.meanflow import draw_times, flow_to_vp
+  config = tiny_unet(config_lib.base_config("digits_cond"))
+  denoiser = make_denoiser(config.model, (8, 8, 1), config.diffusion.parameterization)
+  teacher = tiny_teacher_params(config, 0)
+  objective = MeanFlowObjective(denoiser, schedules.make_schedule(config.diffusion.schedule),
+                                optax.sgd(0.0), config.optim, 10, (8, 8, 1), equal_share=1.0,
+                                guidance_range=(0.0, 4.0))
+  student = objective.new_state(teacher).params
+  rng = jax.random.key(5)
+  x = jnp.asarray(np.random.RandomState(1).uniform(-1, 1, (6, 8, 8, 1)), jnp.float32)
+  label = jnp.arange(6) % 10
+  _, metrics = objective.loss(student, teacher, {"x": x, "label": label}, rng)
+  rng_noise, rng_time = jax.random.split(rng)
+  noise = jax.random.normal(rng_noise, x.shape)
+  _, t = draw_times(rng_time, 6, objective.time_mean, objective.time_std, 1.0)
+  w = draw_guidance(jax.random.fold_in(rng, 11), 6, (0.0, 4.0))[:, None, None, None]
+  z, logsnr = flow_to_vp((1 - t[:, None, None, None]) * x + t[:, None, None, None] * noise, t)
+  velocity = lambda labels: (lambda p: p.eps - p.x0)(denoiser.predict(teacher, z, logsnr, labels))
+  expected = jnp.mean((w * (velocity(jnp.full((6,), 10)) - velocity(label))) ** 2)
+  np.testing.assert_allclose(metrics["mse"], expected, rtol=2e-4)
+  assert float(expected) > 1e-4

@@ -172,6 +172,17 @@ def write_guidance_summary(exp, title: str, intro: str, rows, footer=()):
       list(footer) + floor_lines(exp))
 
 
+def write_student_guidance_summary(exp, teacher, students, title: str, intro: str, footer=()):
+  """summary.md of a method's guidance-conditioned `students` [(name, params, steps, mode, grid or
+  None)] next to the CFG teacher (config.teacher.sampling_steps, two passes), at each w of
+  config.student_guidance.summary_w."""
+  n_teacher = exp.config.teacher.sampling_steps
+  models = [("CFG teacher (2 passes)", teacher, n_teacher, "ddim", None)] + list(students)
+  rows = guidance_rows(exp, teacher, n_teacher, models, exp.config.student_guidance.summary_w)
+  w_min, w_max = config_lib.student_guidance_range(exp.config)
+  write_guidance_summary(exp, title, f"w ~ U[{w_min:g}, {w_max:g}], {intro}", rows, footer)
+
+
 def reused_evaluation(exp, last_eval, n):
   """The metrics of `last_eval`'s n-step evaluation when an end-of-run table may reuse it (the
   same sample count, and FD (teacher) in it when a teacher is set), else None."""

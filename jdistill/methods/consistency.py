@@ -118,14 +118,11 @@ def train(config, workdir: str):
                 grid=grids.get(eval_steps[0]), guidance=told)
   label = {"scd": "sCD", "cd": "CD"}[k.variant]
   if w_range:
-    n_teacher = config.teacher.sampling_steps
-    models = ([("CFG teacher (2 passes)", teacher, n_teacher, "ddim", None)]
-              + [(f"{label} student", student, n, MODE, grids.get(n)) for n in eval_steps])
-    rows = common.guidance_rows(exp, teacher, n_teacher, models, config.student_guidance.summary_w)
-    common.write_guidance_summary(
-        exp, f"Consistency distillation ({label}), guidance-conditioned: {config.preset}",
-        f"w ~ U[{w_range[0]:g}, {w_range[1]:g}], {config.train.num_steps} train steps, wall time "
-        f"{(time.time() - run_start) / 60:.1f} min (this invocation)", rows)
+    common.write_student_guidance_summary(
+        exp, teacher, [(f"{label} student", student, n, MODE, grids.get(n)) for n in eval_steps],
+        f"Consistency distillation ({label}), guidance-conditioned: {config.preset}",
+        f"{config.train.num_steps} train steps, wall time {(time.time() - run_start) / 60:.1f} "
+        "min (this invocation)")
     return student
   rows = common.teacher_rows(exp, teacher, eval_steps)
   rows += [(label, row) for row in common.fd_table(exp, student, eval_steps, mode=MODE,

@@ -192,14 +192,11 @@ def train(config, workdir: str):
   best_line = ([f"Best evaluated {d.generator_steps}-step FD in this invocation: {best.value:.4g} "
                 f"at step {best.step} (kept in {workdir}/best)."] if best.step is not None else [])
   if w_range:
-    models = ([("CFG teacher (2 passes)", teacher, n_teacher, "ddim", None)]
-              + [(f"{d.variant} generator", generator, n, mode, None) for n in eval_steps])
-    rows = common.guidance_rows(exp, teacher, n_teacher, models, config.student_guidance.summary_w)
-    common.write_guidance_summary(
-        exp, f"{d.variant.upper()}, guidance-conditioned: {config.preset}",
-        f"w ~ U[{w_range[0]:g}, {w_range[1]:g}], {num_steps} train steps "
-        f"({num_steps // d.critic_updates_per_generator} generator updates), wall time "
-        f"{trained.seconds / 60:.1f} min (this invocation)", rows, best_line)
+    common.write_student_guidance_summary(
+        exp, teacher, [(f"{d.variant} generator", generator, n, mode, None) for n in eval_steps],
+        f"{d.variant.upper()}, guidance-conditioned: {config.preset}",
+        f"{num_steps} train steps ({num_steps // d.critic_updates_per_generator} generator "
+        f"updates), wall time {trained.seconds / 60:.1f} min (this invocation)", best_line)
     return generator
   teacher_rows = common.fd_table(exp, teacher, [n_teacher], name="teacher_", guidance=guidance)
   generator_rows = common.fd_table(exp, generator, eval_steps, mode=mode,

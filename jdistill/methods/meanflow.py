@@ -15,7 +15,7 @@ from jdistill.methods import common
 from jdistill.objectives.meanflow import VELOCITY_SOURCES, MeanFlowFrozen, MeanFlowObjective
 from jdistill.train import loop, setup, teachers
 
-CONTROLS = frozenset()
+CONTROLS = frozenset({"student_guidance"})    # optional controls (methods/common.py)
 EXPORT = "student.msgpack"
 PARAMS_KEY = "ema_params"
 MODE = "flowmap"
@@ -48,6 +48,9 @@ def validate(config):
   check(m.weight_c > 0, "meanflow.weight_c", f"must be > 0, got {m.weight_c}")
   check(m.weight_p >= 0, "meanflow.weight_p", f"must be >= 0, got {m.weight_p}")
   config_lib.check_step_counts("meanflow.eval_steps", m.eval_steps)
+  check(not config_lib.student_guidance_range(config) or m.velocity_source == "teacher",
+        "meanflow.velocity_source", "a guidance-conditioned flow map learns the teacher's CFG "
+        "velocity at its w: use 'teacher' with student_guidance")
 
 
 def sampling_mode(config) -> str:
@@ -59,7 +62,8 @@ def make_objective(exp):
   return MeanFlowObjective(exp.denoiser, exp.schedule, exp.optimizer(), c.optim, c.train.num_steps,
                            exp.data_shape, velocity_source=m.velocity_source,
                            time_mean=m.time_mean, time_std=m.time_std, equal_share=m.equal_share,
-                           weight_c=m.weight_c, weight_p=m.weight_p)
+                           weight_c=m.weight_c, weight_p=m.weight_p,
+                           guidance_range=config_lib.student_guidance_range(c))
 
 
 def train(config, workdir: str):
@@ -67,7 +71,10 @@ def train(config, workdir: str):
   exp = setup.build(config, workdir)
   m = config.meanflow
   teacher = teachers.load_teacher(exp)
-  exp.evaluator.set_teacher(teacher, config.teacher.sampling_steps)
+  # a guidance-conditioned flow map (student_guidance) is evaluated and exported at eval_w
+  w_range = config_lib.student_guidance_range(config)
+  told = config.student_guidance.eval_w if w_range else 0.0
+  exp.evaluator.set_teacher(teacher, config.teacher.sampling_steps, guidance=told)
   objective = make_objective(exp)
   compiled = loop.compile_step(objective, exp.mesh,
                                frozen_shardings=MeanFlowFrozen(teacher=exp.param_shardings()))
@@ -75,11 +82,20 @@ def train(config, workdir: str):
   eval_steps = list(m.eval_steps)
   trained = common.train(
       exp, objective, loop.Settings.from_config(config), workdir=workdir,
-      train_data=exp.train_data(), evaluate=common.fd_callback(exp, eval_steps, mode=MODE),
+      train_data=exp.train_data(),
+      evaluate=common.fd_callback(exp, eval_steps, mode=MODE, guidance=told),
       best_metric=f"fd_{eval_steps[0]}steps", compiled=compiled,
       frozen=MeanFlowFrozen(teacher=teacher), initial_state=lambda: make_state(teacher))
   student = objective.eval_params(trained.state)
-  common.export(student, config, os.path.join(workdir, EXPORT), MODE, eval_steps[0])
+  common.export(student, config, os.path.join(workdir, EXPORT), MODE, eval_steps[0],
+                guidance=told)
+  if w_range:
+    common.write_student_guidance_summary(
+        exp, teacher, [("MeanFlow", student, n, MODE, None) for n in eval_steps],
+        f"MeanFlow, guidance-conditioned: {config.preset}",
+        f"{config.train.num_steps} train steps, wall time {(time.time() - run_start) / 60:.1f} "
+        "min (this invocation)")
+    return student
   rows = common.teacher_rows(exp, teacher, eval_steps)
   rows += [("MeanFlow", row) for row in common.fd_table(exp, student, eval_steps, mode=MODE,
                                                         last_eval=trained.last_eval,

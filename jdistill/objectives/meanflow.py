@@ -25,8 +25,9 @@ import jax.numpy as jnp
 
 from jdistill.diffusion.parameterization import broadcast_to_data
 from jdistill.diffusion.schedules import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma
-from jdistill.models.denoiser import is_flow_map, with_interval_embedding
+from jdistill.models.denoiser import is_flow_map, is_guidance_conditioned, with_zero_embedding
 from jdistill.objectives import state as state_lib
+from jdistill.objectives.guided import draw_guidance
 
 VELOCITY_SOURCES = ("teacher", "data")
 
@@ -66,31 +67,39 @@ class MeanFlowObjective(state_lib.OneNetworkObjective):
   equal_share: float = 0.75       # share of r = t
   weight_c: float = 1e-3          # adaptive weighting w = 1 / (||delta||^2 + c)^p
   weight_p: float = 1.0
+  guidance_range: tuple = ()      # (w_min, w_max): a flow map told the CFG weight w (per example),
+                                  # v the teacher's two-pass CFG velocity at w
 
   def init_state(self, rng):
     example = jnp.zeros((1, *self.data_shape))
-    return self.new_state(self.denoiser.init(rng, example, flow_map=True)["params"])
+    return self.new_state(self.denoiser.init(rng, example, flow_map=True,
+                                             guided=bool(self.guidance_range))["params"])
 
   def new_state(self, params, rng=None):
-    """A student from `params` (the teacher's): plus a zero interval embedding if they lack one."""
-    if not is_flow_map(params):
-      params = with_interval_embedding(self.denoiser, params, jnp.zeros((1, *self.data_shape)))
+    """A student from `params` (the teacher's): plus a zero interval embedding (and a zero
+    guidance embedding, with a `guidance_range`) if they lack one."""
+    guided = bool(self.guidance_range) and not is_guidance_conditioned(params)
+    if guided or not is_flow_map(params):
+      params = with_zero_embedding(self.denoiser, params, jnp.zeros((1, *self.data_shape)),
+                                   flow_map=True, guided=guided)
     return state_lib.create(params, self.optimizer)
 
-  def average_velocity(self, params, z_flow, r, t, label):
-    """u(z_t, r, t) of flow-map `params` (at r = t: the velocity v(z_t, t))."""
+  def average_velocity(self, params, z_flow, r, t, label, guidance=0.0):
+    """u(z_t, r, t) of flow-map `params` (at r = t: the velocity v(z_t, t)); `guidance`: the w a
+    guidance-conditioned flow map is told, or the teacher's two-pass CFG weight."""
     z, logsnr = flow_to_vp(z_flow, t)
-    pred = self.denoiser.predict(params, z, logsnr, label, interval=t - r)
+    pred = self.denoiser.predict_with_guidance(params, z, logsnr, label, guidance, interval=t - r)
     return pred.eps - pred.x0
 
-  def identity_terms(self, params, teacher, x, noise, r, t, label):
-    """(u, u_tgt, du/dt, v) at z_t = (1 - t) x + t noise: u and du/dt from one JVP."""
+  def identity_terms(self, params, teacher, x, noise, r, t, label, w=0.0):
+    """(u, u_tgt, du/dt, v) at z_t = (1 - t) x + t noise: u and du/dt from one JVP; `w`: the CFG
+    weight of the teacher's v and the student's, per example (0: unguided)."""
     z_flow = (1.0 - broadcast_to_data(t, x)) * x + broadcast_to_data(t, x) * noise
     if self.velocity_source == "data":
       v = noise - x
     else:
-      v = jax.lax.stop_gradient(self.average_velocity(teacher, z_flow, t, t, label))
-    u, du_dt = jax.jvp(lambda z_, r_, t_: self.average_velocity(params, z_, r_, t_, label),
+      v = jax.lax.stop_gradient(self.average_velocity(teacher, z_flow, t, t, label, w))
+    u, du_dt = jax.jvp(lambda z_, r_, t_: self.average_velocity(params, z_, r_, t_, label, w),
                        (z_flow, r, t), (v, jnp.zeros_like(r), jnp.ones_like(t)))
     u_tgt = jax.lax.stop_gradient(v - broadcast_to_data(t - r, x) * du_dt)
     return u, u_tgt, jax.lax.stop_gradient(du_dt), v
@@ -101,7 +110,9 @@ class MeanFlowObjective(state_lib.OneNetworkObjective):
     label = batch["label"] if self.denoiser.num_classes else None
     noise = jax.random.normal(rng_noise, x.shape, x.dtype)
     r, t = draw_times(rng_time, x.shape[0], self.time_mean, self.time_std, self.equal_share)
-    u, u_tgt, du_dt, _ = self.identity_terms(params, teacher, x, noise, r, t, label)
+    w = (draw_guidance(jax.random.fold_in(rng, 11), x.shape[0], self.guidance_range)
+         if self.guidance_range else 0.0)
+    u, u_tgt, du_dt, _ = self.identity_terms(params, teacher, x, noise, r, t, label, w)
     axes = tuple(range(1, x.ndim))
     delta_sq = jnp.mean((u - u_tgt) ** 2, axis=axes)
     weight = adaptive_weight(delta_sq, self.weight_c, self.weight_p)
