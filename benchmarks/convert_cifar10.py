@@ -43,9 +43,10 @@ def distil(teacher: str, train_steps: int, tmp: str) -> dict:
   from jdistill import methods
   from jdistill.train import teachers
   config = progressive_config.get_config("cifar10")
-  config.teacher.checkpoint = teacher
+  config.teacher.update(checkpoint=teacher, sampling_steps=4)     # FD (teacher): its 4 steps
   config.data.update(batch_size=8, data_dir=os.path.join(tmp, "tfds"))
-  config.progressive.update(steps="4,2", steps_per_stage=train_steps, eval_every=0)
+  config.progressive.update(steps="4,2", steps_per_stage=train_steps, eval_every=0,
+                            validation_examples=8)
   config.train.update(log_every=max(1, train_steps // 5), save_every=train_steps)
   config.eval.update(features="raw", num_samples=16, final_num_samples=16, batch_size=16,
                      steps_during_training=(2,), final_steps=(2,), neighbour_examples=16)

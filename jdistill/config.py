@@ -88,7 +88,9 @@ def base_config(preset: str = "digits") -> ml_collections.ConfigDict:
       accumulate_steps=1))
   c.train = ml_collections.ConfigDict(dict(
       num_steps=16000, log_every=200, eval_every=4000, save_every=1000,
-      early_stopping_patience=0))
+      early_stopping_patience=0,
+      remat="none"))      # every network pass under jax.checkpoint: 'full' keeps nothing for the
+                          # backward pass, 'dots' its matmul outputs (less memory, more compute)
   c.eval = ml_collections.ConfigDict(dict(
       features="digits", inception_weights="", num_samples=1000, steps_during_training=(64,),
       final_steps=(256, 64, 16, 4, 2, 1), batch_size=500,
@@ -184,6 +186,7 @@ def validate(config, num_devices: int):
   check_choice("diffusion.loss_weighting", config.diffusion.loss_weighting, WEIGHTINGS)
   check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
   check_choice("optim.name", config.optim.name, OPTIMIZERS)
+  check_choice("train.remat", config.train.get("remat", "none"), ("none", "full", "dots"))
   check_choice("optim.schedule", config.optim.schedule, LR_SCHEDULES)
   check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
   check(config.optim.eps > 0, "optim.eps", f"must be > 0 (Adam divides by sqrt(v) + eps), got "

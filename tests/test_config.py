@@ -78,6 +78,7 @@ def _mutations():
       ("optim.name", set_("optim.name", "sgd9"), 1),
       ("optim.ema_decay", set_("optim.ema_decay", 1.0), 1),
       ("train.num_steps", set_("train.num_steps", 0), 1),
+      ("train.remat", set_("train.remat", "everything"), 1),
       ("model.name", set_("model.name", "transformer"), 1),
       ("data.source", set_("data.source", "s3"), 1),
       ("data.path", lambda c: c.data.update(source="image_folder", path="/nonexistent/imgs"), 1),

@@ -294,3 +294,16 @@ def test_the_sampler_guides_only_when_asked(tmp_path):
   guided = exp.sampler.sample(params, 2, 8, labels=labels, guidance=2.0)
   np.testing.assert_array_equal(plain, unguided)
   assert np.abs(guided - unguided).max() > 1e-3
+
+
+@pytest.mark.parametrize("name,policy", [(name, "full") for name in METHODS] + [("dmd", "dots")])
+def test_remat_reaches_every_method_and_leaves_its_step_unchanged(name, policy, tmp_path):
+  """config.train.remat puts every network pass under jax.checkpoint (the Denoiser's one apply):
+  two train steps end where the plain steps end, to 1e-6."""
+  plain = run_steps(name, tiny_config(name), tmp_path / "plain", 2)
+  config = tiny_config(name)
+  config.train.remat = policy
+  remat = run_steps(name, config, tmp_path / "remat", 2)
+  assert remat[0].denoiser.remat == policy
+  for got, want in zip(jax.tree.leaves(remat[2][-1]), jax.tree.leaves(plain[2][-1])):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

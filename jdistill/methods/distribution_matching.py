@@ -55,7 +55,6 @@ def get_config(preset: str = "digits", variant: str = "dmd2"):
       gan_weight=0.0,                                  # GAN head on the critic's bottleneck
       huber_c=1e-3 if variant == "tdm" else 0.03,      # TDM pseudo-Huber constant (the
                                                        # paper's 1e-3; 'tdm_fresh_noise': 0.03)
-      remat=False,                                     # rematerialise the denoiser passes
       unify_steps=(),          # TDM-unify: e.g. (1, 2, 4), one generator told its step count
       step_intervals=tdm,      # TDM: match step k's output only at its noise levels [s_k, t_k]
       step_aware_critic=True,  # K > 1: the critic is told which step made each sample (p_k, not
@@ -143,7 +142,7 @@ def make_objective(exp, num_steps):
       min_snr_gamma=c.diffusion.min_snr_gamma,
       regression_weight=d.regression_weight, regression_steps=d.regression_steps,
       regression_source=d.regression_source,
-      gan_weight=d.gan_weight, huber_c=d.huber_c, remat=d.remat,
+      gan_weight=d.gan_weight, huber_c=d.huber_c,
       unify_steps=tuple(d.unify_steps), step_intervals=d.step_intervals,
       step_aware_critic=d.step_aware_critic, clip_x=c.diffusion.clip_x, lora=make_lora(c),
       guidance_range=config_lib.student_guidance_range(c))

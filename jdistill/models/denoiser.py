@@ -27,6 +27,10 @@ from jdistill.errors import ConfigError, check_choice
 
 MODELS = ("unet", "dit", "mlp", "diffusers_unet")
 TIME_INPUTS = ("logsnr", "t", "t1000", "ddpm_timestep")
+# what a rematerialised network pass keeps for its backward pass (config.train.remat): nothing
+# ('full': it is recomputed), or the outputs of its matmuls and convolutions ('dots')
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def network_time(logsnr, time_input: str, ddpm_logsnr: tuple = ()):
@@ -48,11 +52,15 @@ class Denoiser:
   time_input: str = "logsnr"      # what it takes as time (TIME_INPUTS)
   ddpm_logsnr: tuple = dataclasses.field(default=(), repr=False)   # 'ddpm_timestep': the
                                   # logSNR of each DDPM timestep (schedules.ddpm_table_logsnr)
+  remat: str = "none"             # every pass under jax.checkpoint with REMAT_POLICIES[remat]
 
   def apply_module(self, params, z, logsnr, cond, **kwargs):
     """The module on the state and time in its own terms (its raw output)."""
-    return self.module.apply({"params": params}, param_lib.path_state(z, logsnr, self.path),
-                             network_time(logsnr, self.time_input, self.ddpm_logsnr), cond, **kwargs)
+    apply = lambda p, state, time, c: self.module.apply({"params": p}, state, time, c, **kwargs)
+    if self.remat != "none":
+      apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])
+    return apply(params, param_lib.path_state(z, logsnr, self.path),
+                 network_time(logsnr, self.time_input, self.ddpm_logsnr), cond)
 
   def to_prediction(self, output, z, logsnr) -> Prediction:
     return param_lib.from_model_output(self.parameterization, output, z, logsnr, self.path)
@@ -185,10 +193,11 @@ def with_guidance_embedding(denoiser: "Denoiser", params, example_z):
 
 
 def make_denoiser(model_config, data_shape, parameterization: str, path: str = "vp",
-                  schedule=None) -> Denoiser:
+                  schedule=None, remat: str = "none") -> Denoiser:
   """Builds the Denoiser from `config.model` for data of shape `data_shape` (no batch dim), a
   model of `path` (schedules.path_of the diffusion schedule); `schedule` (config.diffusion.schedule)
-  is needed by a network that takes its DDPM timestep (time_input 'ddpm_timestep')."""
+  is needed by a network that takes its DDPM timestep (time_input 'ddpm_timestep'); `remat`
+  (config.train.remat) rematerialises every pass."""
   from jdistill.models import diffusers_unet
   from jdistill.models.dit import DiT
   from jdistill.models.mlp import MLPDenoiser
@@ -233,7 +242,9 @@ def make_denoiser(model_config, data_shape, parameterization: str, path: str = "
       raise ConfigError("config.model.time_input='ddpm_timestep' needs a DDPM schedule "
                         "('linear', 'scaled_linear') in config.diffusion.schedule")
     ddpm_logsnr = ddpm_table_logsnr(schedule)
-  return Denoiser(module, parameterization, model_config.num_classes, path, time_input, ddpm_logsnr)
+  check_choice("train.remat", remat, tuple(REMAT_POLICIES))
+  return Denoiser(module, parameterization, model_config.num_classes, path, time_input, ddpm_logsnr,
+                  remat)
 
 
 def check_dit(model_config, *image_sides: int):

@@ -132,7 +132,6 @@ class DistributionMatchingObjective(state_lib.Objective):
   regression_source: str = "pairs"  # 'pairs': fixed, frozen['regression']; 'data': online from data
   gan_weight: float = 0.0
   huber_c: float = 0.03             # TDM's pseudo-Huber constant (the paper's: 1e-3)
-  remat: bool = False
   unify_steps: tuple = ()          # TDM-unify: K drawn per example from these, told to both nets
   step_intervals: bool = True      # TDM: diffuse step k's output only to t in [s_k, t_k]
   step_aware_critic: bool = True   # K > 1: the critic is told which step made each sample
@@ -248,10 +247,7 @@ class DistributionMatchingObjective(state_lib.Objective):
     logsnr = self.schedule(t)
     if not is_unguided(guidance):
       return self.denoiser.predict_guided(params, z, logsnr, label, guidance, steps)
-    predict = lambda p, z, logsnr, label, steps, told: self.denoiser.predict(
-        p, z, logsnr, label, steps=steps, guidance=told)
-    fn = jax.checkpoint(predict) if self.remat else predict
-    return fn(params, z, logsnr, label, steps, told)
+    return self.denoiser.predict(params, z, logsnr, label, steps=steps, guidance=told)
 
   def draw_step_counts(self, rng, batch):
     """K per example: `generator_steps`, or uniform over `unify_steps` (TDM-unify)."""

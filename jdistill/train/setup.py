@@ -72,7 +72,8 @@ def build(config, workdir: str, *, evaluator: bool = True, record_config: bool =
     logging.warning("config.model.num_classes=%d but the data has %d classes",
                     config.model.num_classes, train_source.num_classes)
   denoiser = make_denoiser(config.model, train_source.data_shape, config.diffusion.parameterization,
-                           path_of(config.diffusion.schedule), config.diffusion.schedule)
+                           path_of(config.diffusion.schedule), config.diffusion.schedule,
+                           config.train.get("remat", "none"))
   schedule = make_schedule(config.diffusion.schedule)
   resumed = any(epath.Path(workdir).glob("events.out.tfevents.*"))
   # a tool run (sampling, caching: record_config=False) leaves no event file in the run directory
