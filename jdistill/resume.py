@@ -21,6 +21,11 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
+# Fields a later jdistill removed: {field: (the value that means what the run does now, what
+# replaced it)}. A run that stored that value resumes; another value is a change, named.
+RETIRED = {"dmd.remat": (False, "train.remat")}
+
+
 def flatten(tree, prefix: str = "") -> dict:
   """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}."""
   flat = {}
@@ -38,8 +43,11 @@ def changed_fields(stored: dict, config, defaults=None) -> dict:
   `defaults`."""
   new, old = _flat(config), flatten(stored)
   default = _flat(defaults) if defaults is not None else {}
-  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k) and not (k not in old and k in default and new[k] == default[k])}
+  retired = lambda k: k in RETIRED and k not in new and old.get(k) == RETIRED[k][0]
+  return {k: (old.get(k), new.get(k) if k not in RETIRED else f"(replaced by {RETIRED[k][1]})")
+          for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and not retired(k)
+          and not (k not in old and k in default and new[k] == default[k])}
 
 
 def _flat(config) -> dict:

@@ -190,3 +190,18 @@ def test_a_field_added_since_the_run_is_unchanged_at_its_default(tmp_path, teach
   changed.diffusion.schedule.update(name="linear", zero_terminal_snr=True)
   with pytest.raises(ConfigError, match="zero_terminal_snr: None in the run, True now"):
     resume.check_config(changed, str(tmp_path), defaults=defaults)
+
+
+def test_a_retired_field_at_its_neutral_value_resumes_and_any_other_is_named(tmp_path):
+  """dmd.remat (replaced by train.remat): a run that stored False resumes; True is a change."""
+  from jdistill.methods import distribution_matching as dm_method
+  config = dm_method.get_config("digits", "dmd2")
+  stored = json.loads(config.to_json_best_effort())
+  stored["dmd"]["remat"] = False                                   # a run of an older jdistill
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  resume.check_config(config, str(tmp_path))
+  stored["dmd"]["remat"] = True
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  with pytest.raises(ConfigError, match=r"dmd.remat: True in the run, '\(replaced by train.remat\)'"):
+    resume.check_config(config, str(tmp_path))
