@@ -180,32 +180,12 @@ def dit(params, exported: dict, shift, data_shape):
   return config, dit_diffusers.diffusers_state_dict(params, config, shift), scheduler_config(exported)
 
 
-def peft_factors(a, b, kernel_shape, out_projection: bool):
-  """(lora_A, lora_B) in PEFT's torch layout of jdistill's adapter W' = W + s reshape(A B) on a
-  kernel of `kernel_shape`: conv HWIO -> lora_A (r, in, kh, kw), lora_B (out, r, 1, 1); dense
-  (in, out) and an attention output (heads, head_dim, out) -> (r, in), (out, r). An attention
-  input projection (in, heads, head_dim) adapts each head's (in, head_dim) block apart: rank
-  heads r, lora_B block-diagonal."""
-  r = a.shape[-1]
-  if len(kernel_shape) == 4:
-    kh, kw, cin, _ = kernel_shape
-    return a.reshape(kh, kw, cin, r).transpose(3, 2, 0, 1), b.T[:, :, None, None]
-  if len(kernel_shape) == 3 and not out_projection:
-    cin, heads, head_dim = kernel_shape
-    lora_a = a.reshape(cin, heads, r).transpose(1, 2, 0).reshape(heads * r, cin)
-    lora_b = np.zeros((heads, head_dim, heads, r), np.float32)
-    for h in range(heads):
-      lora_b[h, :, h, :] = b.T
-    return lora_a, lora_b.reshape(heads * head_dim, heads * r)
-  return a.T, b.T
-
-
 def peft_adapter(adapters, lora: dict, params, modules_of):
   """(adapter_config.json, adapter_model.safetensors state) of jdistill's LoRA adapters
   ({'A/B/kernel': {a, b}}) over the model whose params are `params`; `modules_of(names)` gives
   the diffusers modules of a kernel's param path."""
-  from jdistill.models.lora import _path_name
-  kernels = {_path_name(p): np.shape(leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  from jdistill.models.lora import path_name, peft_factors
+  kernels = {path_name(p): np.shape(leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
   rank, alpha = int(lora["rank"]), float(lora["alpha"])
   state, targets, rank_pattern, alpha_pattern = {}, [], {}, {}
   for name, adapter in adapters.items():

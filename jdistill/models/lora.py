@@ -15,9 +15,10 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def _path_name(path):
+def path_name(path):
   return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
@@ -35,7 +36,7 @@ class LoRA:
     """Paths of the kernels (ndim >= 2, named 'kernel') that get an adapter."""
     paths = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-      name = _path_name(path)
+      name = path_name(path)
       if name.endswith("kernel") and leaf.ndim >= 2 and any(re.fullmatch(t, name) for t in self.targets):
         paths.append(name)
     if not paths:
@@ -44,7 +45,7 @@ class LoRA:
 
   def init(self, rng, params):
     """{path: {'a': (fan_in, r), 'b': (r, d_out)}} for every targeted kernel."""
-    leaves = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    leaves = {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
     adapters = {}
     for i, name in enumerate(self.targeted(params)):
       kernel = leaves[name]
@@ -56,7 +57,7 @@ class LoRA:
   def merge(self, params, adapters):
     """Full weights: W + (alpha / r) reshape(A B) on every adapted kernel; others unchanged."""
     def one(path, leaf):
-      adapter = adapters.get(_path_name(path))
+      adapter = adapters.get(path_name(path))
       if adapter is None:
         return leaf
       delta = (adapter["a"] @ adapter["b"]).reshape(leaf.shape)
@@ -70,3 +71,23 @@ def make_lora(config):
   if c is None or c.rank <= 0:
     return None
   return LoRA(rank=c.rank, alpha=c.alpha, targets=tuple(c.targets))
+
+
+def peft_factors(a, b, kernel_shape, out_projection: bool):
+  """(lora_A, lora_B) in PEFT's torch layout of jdistill's adapter W' = W + s reshape(A B) on a
+  kernel of `kernel_shape`: conv HWIO -> lora_A (r, in, kh, kw), lora_B (out, r, 1, 1); dense
+  (in, out) and an attention output (heads, head_dim, out) -> (r, in), (out, r). An attention
+  input projection (in, heads, head_dim) adapts each head's (in, head_dim) block apart: rank
+  heads r, lora_B block-diagonal."""
+  r = a.shape[-1]
+  if len(kernel_shape) == 4:
+    kh, kw, cin, _ = kernel_shape
+    return a.reshape(kh, kw, cin, r).transpose(3, 2, 0, 1), b.T[:, :, None, None]
+  if len(kernel_shape) == 3 and not out_projection:
+    cin, heads, head_dim = kernel_shape
+    lora_a = a.reshape(cin, heads, r).transpose(1, 2, 0).reshape(heads * r, cin)
+    lora_b = np.zeros((heads, head_dim, heads, r), np.float32)
+    for h in range(heads):
+      lora_b[h, :, h, :] = b.T
+    return lora_a, lora_b.reshape(heads * head_dim, heads * r)
+  return a.T, b.T
