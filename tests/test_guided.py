@@ -231,7 +231,8 @@ def _dmd_objective(w_range, variant="dmd2"):
   return objective, denoiser, teacher
 
 
-def test_dmd_real_score_is_the_teachers_cfg_at_the_examples_w(variant="dmd2"):
+@pytest.mark.parametrize("variant", ["dmd2", "tdm"])
+def test_dmd_real_score_is_the_teachers_cfg_at_the_examples_w(variant):
   """Generator and critic start as the conditional teacher at every w (zero guidance embeddings),
   so the distribution-matching gradient vanishes at w = 0 (real score = fake score) and not at
   w = 2, where the real score is the teacher's two-pass CFG."""
