@@ -254,25 +254,31 @@ def test_dmd_real_score_is_the_teachers_cfg_at_the_examples_w(variant):
   assert grad_norm(2.0) > 1e-3
 
 
-def test_dmd_with_a_guidance_conditioned_generator_runs_and_tables_every_w(tmp_path):
-  from jdistill.methods import distribution_matching as dm_method
-  config = tiny_unet(dm_method.get_config("digits_cond"))
+def guided_run(config, tmp_path, export: str, batch_size: int, num_steps: int):
+  """`config` (a method's digits_cond config, tiny U-Net) run for `num_steps` with w ~ U[0, 4] from
+  a random tiny teacher (4 steps), tabled at w = 0 and 3: (summary.md, its export's JSON)."""
   teacher_path = str(tmp_path / "teacher.msgpack")
   with open(teacher_path, "wb") as f:
     f.write(serialization.to_bytes(tiny_teacher_params(config, 0)))
   config.teacher.update(checkpoint=teacher_path, sampling_steps=4)
   config.student_guidance.update(w_max=4.0, summary_w=(0.0, 3.0))
-  config.data.batch_size = 16
-  config.dmd.update(regression_pairs=32, regression_steps=4, eval_steps=(1,))
-  config.train.update(num_steps=4, log_every=2, save_every=100, eval_every=0)
+  config.data.batch_size = batch_size
+  config.train.update(num_steps=num_steps, log_every=1, save_every=100, eval_every=0)
   config.eval.update(num_samples=64, batch_size=64, final_num_samples=0, neighbour_examples=64)
   workdir = str(tmp_path / "run")
   methods.train(config, workdir)
-  summary = open(os.path.join(workdir, "summary.md")).read()
+  return (open(os.path.join(workdir, "summary.md")).read(),
+          json.load(open(os.path.join(workdir, export))))
+
+
+def test_dmd_with_a_guidance_conditioned_generator_runs_and_tables_every_w(tmp_path):
+  from jdistill.methods import distribution_matching as dm_method
+  config = tiny_unet(dm_method.get_config("digits_cond"))
+  config.dmd.update(regression_pairs=32, regression_steps=4, eval_steps=(1,))
+  summary, exported = guided_run(config, tmp_path, "generator.json", 16, 4)
   for row in ("| CFG teacher (2 passes) | 4 | 3 |", "| dmd2 generator | 1 | 0 |",
               "| dmd2 generator | 1 | 3 |"):
     assert row in summary
-  exported = json.load(open(os.path.join(workdir, "generator.json")))
   assert exported["sampling"]["guided"] is True
   # the control is refused where a method does not take it
   config = tiny_unet(methods.get("teacher").get_config("digits_cond"))
@@ -290,18 +296,7 @@ def test_a_guidance_conditioned_consistency_or_flow_map_student_runs_and_tables_
   if variant:
     config.consistency.variant = variant
   config[method].eval_steps = (1,)
-  teacher_path = str(tmp_path / "teacher.msgpack")
-  with open(teacher_path, "wb") as f:
-    f.write(serialization.to_bytes(tiny_teacher_params(config, 0)))
-  config.teacher.update(checkpoint=teacher_path, sampling_steps=4)
-  config.student_guidance.update(w_max=4.0, summary_w=(0.0, 3.0))
-  config.data.batch_size = 8
-  config.train.update(num_steps=3, log_every=1, save_every=100, eval_every=0)
-  config.eval.update(num_samples=64, batch_size=64, final_num_samples=0, neighbour_examples=64)
-  workdir = str(tmp_path / "run")
-  methods.train(config, workdir)
-  summary = open(os.path.join(workdir, "summary.md")).read()
+  summary, exported = guided_run(config, tmp_path, "student.json", 8, 3)
   for line in ("| CFG teacher (2 passes) | 4 | 3 |", f"| {row} | 1 | 0 |", f"| {row} | 1 | 3 |"):
     assert line in summary
-  exported = json.load(open(os.path.join(workdir, "student.json")))
   assert exported["sampling"]["guided"] is True and exported["sampling"]["guidance"] == 2.0
