@@ -58,8 +58,7 @@ def scheduler_config(exported: dict) -> dict:
   `set_timesteps(sigmas=...)`: the model's noise levels unshifted (from 0.99995, not 1: jdistill
   clips logSNR to [-20, 20])."""
   diffusion, sampling = exported["diffusion"], exported.get("sampling", {})
-  schedule, steps = diffusion["schedule"], int(sampling.get("steps", 1))
-  grid = np.asarray(sampling.get("grid") or np.arange(steps + 1) / steps, np.float64)
+  schedule, (_, grid) = diffusion["schedule"], sampling_grid(exported)
   if schedule["name"] == "flow":
     if diffusion.get("clip_x", True):
       raise ConversionError("diffusion.clip_x=True: FlowMatchEulerDiscreteScheduler does not clip "
@@ -94,14 +93,19 @@ def ddim_config(num_train_timesteps: int, diffusion: dict, **schedule) -> dict:
           "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "trailing"}
 
 
+def sampling_grid(exported: dict):
+  """(N, the time grid t_0 = 0 < ... < t_N = 1 it samples on: its own, or uniform)."""
+  sampling = exported.get("sampling", {})
+  steps = int(sampling.get("steps", 1))
+  return steps, np.asarray(sampling.get("grid") or np.arange(steps + 1) / steps, np.float64)
+
+
 def grid_table(exported: dict):
   """(num_train_timesteps T, the time t_k of each timestep k < T) of the exported scheduler of a
   jdistill U-Net that samples in N steps on its grid t_0 = 0 < ... < t_N = 1: T = N m >= 1000, and
   t_k runs linearly between grid points, t_{i m - 1} = t_i, so DDIM's N trailing timesteps are
   exactly the grid (uniform or not)."""
-  sampling = exported.get("sampling", {})
-  steps = int(sampling.get("steps", 1))
-  grid = np.asarray(sampling.get("grid") or np.arange(steps + 1) / steps, np.float64)
+  steps, grid = sampling_grid(exported)
   per_step = -(-1000 // steps)
   total = steps * per_step
   return total, np.interp(np.arange(1, total + 1) / per_step, np.arange(steps + 1), grid)
@@ -211,17 +215,18 @@ def peft_adapter(adapters, lora: dict, params, modules_of):
   return config, state
 
 
-def module_mapper(exported: dict):
-  """names -> the diffusers modules of a param of the exported model (for its LoRA adapters)."""
+def module_mapper(exported: dict, diffusers_config: dict):
+  """names -> the diffusers modules of a param of the exported model, whose diffusers config is
+  `diffusers_config` (for its LoRA adapters)."""
   from ml_collections import ConfigDict
   from jdistill.models import dit_diffusers, unet_diffusers
   model = ConfigDict(exported["model"])
   if model.name == "diffusers_unet":
     return lambda names: [diffusers_key(tuple(names)).rsplit(".", 1)[0]]
   if model.name == "unet":
-    module_of = unet_diffusers.module_mapper(model, data_shape(exported)[0])
+    module_of = unet_diffusers.module_mapper(model, diffusers_config["sample_size"])
     return lambda names: [m for m in [module_of(names)] if m]
-  return dit_diffusers.module_mapper(dit_diffusers.diffusers_config(model, data_shape(exported)))
+  return dit_diffusers.module_mapper(diffusers_config)
 
 
 MODEL_FOLDERS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}
@@ -273,7 +278,7 @@ def export(checkpoint: str, out: str, guidance: Optional[float] = None) -> dict:
     with open(adapters_path, "rb") as f:
       adapters = serialization.msgpack_restore(f.read())
     peft_config, peft_state = peft_adapter(adapters, exported["lora"], params,
-                                           module_mapper(exported))
+                                           module_mapper(exported, config))
     os.makedirs(os.path.join(out, model_folder + "_lora"), exist_ok=True)
     save_file(peft_state, os.path.join(out, model_folder + "_lora", "adapter_model.safetensors"))
     files.write_json(os.path.join(out, model_folder + "_lora", "adapter_config.json"), peft_config)
