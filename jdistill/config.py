@@ -14,7 +14,7 @@ from jdistill.diffusion.losses import WEIGHTINGS
 from jdistill.diffusion.parameterization import PARAMETERIZATIONS
 from jdistill.diffusion.schedules import SCHEDULES
 from jdistill.errors import ConfigError, check_choice
-from jdistill.models.denoiser import MODELS, TIME_INPUTS, check_dit
+from jdistill.models.denoiser import MODELS, REMAT_POLICIES, TIME_INPUTS, check_dit
 from jdistill.objectives.progressive import FEATURE_SCHEDULES
 from jdistill.objectives.state import LR_SCHEDULES, OPTIMIZERS
 
@@ -186,7 +186,7 @@ def validate(config, num_devices: int):
   check_choice("diffusion.loss_weighting", config.diffusion.loss_weighting, WEIGHTINGS)
   check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
   check_choice("optim.name", config.optim.name, OPTIMIZERS)
-  check_choice("train.remat", config.train.get("remat", "none"), ("none", "full", "dots"))
+  check_choice("train.remat", config.train.get("remat", "none"), tuple(REMAT_POLICIES))
   check_choice("optim.schedule", config.optim.schedule, LR_SCHEDULES)
   check(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
   check(config.optim.eps > 0, "optim.eps", f"must be > 0 (Adam divides by sqrt(v) + eps), got "
