@@ -45,7 +45,7 @@ from jdistill.diffusion.schedules import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma
 from jdistill.models.denoiser import is_guidance_conditioned, with_guidance_embedding
 from jdistill.models.unet import logsnr_embedding
 from jdistill.objectives import state as state_lib
-from jdistill.objectives.guided import draw_guidance
+from jdistill.objectives.guided import training_guidance
 
 SIGMA_DATA = 0.5                  # EDM's data std, of CD's c_skip / c_out
 
@@ -105,12 +105,6 @@ class GuidanceConditioned:
       params = with_guidance_embedding(self.denoiser, params, jnp.zeros((1, *self.data_shape)))
     return params
 
-  def draw(self, rng, batch: int):
-    """(the teacher's w: 0 or one per example, the w the student is told: None or the same)."""
-    if not self.guidance_range:
-      return 0.0, None
-    w = draw_guidance(jax.random.fold_in(rng, 11), batch, self.guidance_range)
-    return w, w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +124,9 @@ class SCDObjective(GuidanceConditioned, state_lib.OneNetworkObjective):
     return state_lib.create({"net": self.student_params(params), "weighting": weighting},
                             self.optimizer)
 
-  def velocity(self, params, z, logsnr, label, told=None):
-    """F(x_t, t) = the VP v (TrigFlow's v-prediction, sigma_d = 1); `told`: the student's w."""
-    return self.denoiser.predict(params, z, logsnr, label, guidance=told).v
+  def velocity(self, params, z, logsnr, label, w=0.0):
+    """F(x_t, t) = the VP v (TrigFlow's v-prediction, sigma_d = 1) at CFG weight `w`."""
+    return self.denoiser.predict_with_guidance(params, z, logsnr, label, w).v
 
   def loss(self, params, teacher, batch, rng, warmup):
     rng_noise, rng_time = jax.random.split(rng)
@@ -141,16 +135,15 @@ class SCDObjective(GuidanceConditioned, state_lib.OneNetworkObjective):
     logsnr = proposal_logsnr(rng_time, x.shape[0], self.p_mean, self.p_std)
     alpha, sigma = alpha_sigma(broadcast_to_data(logsnr, x))
     z = alpha * x + sigma * jax.random.normal(rng_noise, x.shape, x.dtype)
-    w, told = self.draw(rng, x.shape[0])
-    teacher_v = jax.lax.stop_gradient(
-        self.denoiser.predict_with_guidance(teacher, z, logsnr, label, w).v)
+    w = training_guidance(rng, x.shape[0], self.guidance_range)
+    teacher_v = jax.lax.stop_gradient(self.velocity(teacher, z, logsnr, label, w))
     frozen_net = jax.lax.stop_gradient(params["net"])
-    g, raw, f_minus = scd_tangent(lambda z_, l_: self.velocity(frozen_net, z_, l_, label, told),
+    g, raw, f_minus = scd_tangent(lambda z_, l_: self.velocity(frozen_net, z_, l_, label, w),
                                   teacher_v, z, logsnr, warmup, self.tangent_c)
     f_minus = jax.lax.stop_gradient(f_minus)
     weight = AdaptiveWeight().apply({"params": params["weighting"]}, logsnr)
     axes = tuple(range(1, x.ndim))
-    mse = jnp.mean((self.velocity(params["net"], z, logsnr, label, told) - f_minus - g) ** 2,
+    mse = jnp.mean((self.velocity(params["net"], z, logsnr, label, w) - f_minus - g) ** 2,
                    axis=axes)
     tangent_norm = jnp.sqrt(jnp.sum(raw**2, axis=axes))
     return jnp.mean(jnp.exp(weight) * mse - weight), {
@@ -218,9 +211,10 @@ class CDObjective(GuidanceConditioned, state_lib.OneNetworkObjective):
     return CDState(step=jnp.zeros((), jnp.int32), student=state_lib.create(params, self.optimizer),
                    target=params)
 
-  def f(self, params, z, sigma, label, told=None):
-    """The consistency function at VP state z and EDM level sigma (logsnr = -2 log sigma)."""
-    x0_hat = self.denoiser.predict(params, z, -2.0 * jnp.log(sigma), label, guidance=told).x0
+  def f(self, params, z, sigma, label, w=0.0):
+    """The consistency function at VP state z and EDM level sigma (logsnr = -2 log sigma), at CFG
+    weight `w`."""
+    x0_hat = self.denoiser.predict_with_guidance(params, z, -2.0 * jnp.log(sigma), label, w).x0
     return consistency_function(x0_hat, z, sigma, self.sigma_min)
 
   def pair(self, teacher, x, noise, n, label, w=0.0):
@@ -240,11 +234,11 @@ class CDObjective(GuidanceConditioned, state_lib.OneNetworkObjective):
     x = batch["x"]
     label = batch["label"] if self.denoiser.num_classes else None
     n = jax.random.randint(rng_n, (x.shape[0],), 0, self.num_points - 1)
-    w, told = self.draw(rng, x.shape[0])
+    w = training_guidance(rng, x.shape[0], self.guidance_range)
     z_hi, z_lo, hi, lo = self.pair(teacher, x, jax.random.normal(rng_noise, x.shape, x.dtype), n,
                                    label, w)
-    f_target = jax.lax.stop_gradient(self.f(target, z_lo, lo, label, told))
-    return jnp.mean((self.f(params, z_hi, hi, label, told) - f_target) ** 2), {}
+    f_target = jax.lax.stop_gradient(self.f(target, z_lo, lo, label, w))
+    return jnp.mean((self.f(params, z_hi, hi, label, w) - f_target) ** 2), {}
 
   def train_step(self, state, batch, rng, frozen, stage):
     new_student, metrics = state_lib.descend(state.student, self.loss,

@@ -39,6 +39,14 @@ def draw_guidance(rng, batch: int, guidance_range):
   return jax.random.uniform(rng, (batch,), minval=w_min, maxval=w_max)
 
 
+def training_guidance(rng, batch: int, guidance_range):
+  """The w of a training step's examples: drawn per example (from `rng` folded with 11) for a
+  guidance-conditioned student and its CFG teacher, or a static 0 (unguided) without a range."""
+  if not guidance_range:
+    return 0.0
+  return draw_guidance(jax.random.fold_in(rng, 11), batch, guidance_range)
+
+
 @dataclasses.dataclass(frozen=True)
 class GuidedObjective(state_lib.OneNetworkObjective):
   guidance_range: tuple = (0.0, 4.0)    # (w_min, w_max): the paper's ImageNet-64 range

@@ -27,7 +27,7 @@ from jdistill.diffusion.parameterization import broadcast_to_data
 from jdistill.diffusion.schedules import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma
 from jdistill.models.denoiser import is_flow_map, is_guidance_conditioned, with_zero_embedding
 from jdistill.objectives import state as state_lib
-from jdistill.objectives.guided import draw_guidance
+from jdistill.objectives.guided import training_guidance
 
 VELOCITY_SOURCES = ("teacher", "data")
 
@@ -110,8 +110,7 @@ class MeanFlowObjective(state_lib.OneNetworkObjective):
     label = batch["label"] if self.denoiser.num_classes else None
     noise = jax.random.normal(rng_noise, x.shape, x.dtype)
     r, t = draw_times(rng_time, x.shape[0], self.time_mean, self.time_std, self.equal_share)
-    w = (draw_guidance(jax.random.fold_in(rng, 11), x.shape[0], self.guidance_range)
-         if self.guidance_range else 0.0)
+    w = training_guidance(rng, x.shape[0], self.guidance_range)
     u, u_tgt, du_dt, _ = self.identity_terms(params, teacher, x, noise, r, t, label, w)
     axes = tuple(range(1, x.ndim))
     delta_sq = jnp.mean((u - u_tgt) ** 2, axis=axes)
